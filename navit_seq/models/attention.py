@@ -1,0 +1,113 @@
+"""Segment-masked multi-head self-attention with a fused QKV projection.
+
+Packed sequences hold several images; a token attends only to tokens of its own image:
+`attend[b, q, k] = (segment_ids[b, q] == segment_ids[b, k]) & (segment_ids[b, k] > 0)`.
+The mask is built once per forward pass and shared by every layer.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from navit_seq.models.partitioning import constrain, param, partitioned
+
+# Attention implementations honouring an arbitrary boolean mask. Only XLA is wired: a fused
+# kernel may join once a test shows it honours segment ids (some ignore masks silently).
+ATTENTION_IMPLS = ("xla",)
+
+
+def segment_attend_mask(segment_ids: jax.Array) -> jax.Array:
+    """Boolean mask [B, 1, L, L]: True where query token q may attend to key token k."""
+    same_image = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, L, L]
+    key_is_token = (segment_ids > 0)[:, None, :]  # [B, 1, L]
+    return (same_image & key_is_token)[:, None]  # [B, 1, L, L]
+
+
+def masked_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, attend: jax.Array, impl: str = "xla"
+) -> jax.Array:
+    """Softmax attention of query [B, Q, H, Dh] over key/value [B, K, H, Dh].
+
+    `attend` [B, 1 or H, Q, K] is True where attention is allowed. A query with no allowed key
+    (padding token, empty slot) gets a finite uniform average instead of NaN; callers mask it.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is not supported; use one of {ATTENTION_IMPLS}.")
+    head_dim = query.shape[-1]
+    query = query * jnp.asarray(head_dim**-0.5, query.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)  # [B, H, Q, K]
+    # Softmax in float32; the finite fill keeps fully masked rows NaN-free (exp(-inf - -inf)).
+    logits = jnp.where(attend, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # [B, H, Q, K]
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)  # [B, Q, H, Dh]
+
+
+class SelfAttention(nnx.Module):
+    """Pre-projected multi-head self-attention: fused QKV, optional query-key LayerNorm."""
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        *,
+        qk_norm: bool,
+        use_bias: bool,
+        impl: str,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        if width % num_heads:
+            raise ValueError(
+                f"model width {width} is not divisible by num_heads {num_heads}; "
+                "pick a width that is a multiple of the head count."
+            )
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl={impl!r} is not supported; use one of {ATTENTION_IMPLS}."
+            )
+        head_dim = width // num_heads
+        self.impl = impl
+        init = lambda initializer, names, shape: param(rngs, initializer, names, shape, param_dtype)
+        self.dtype = dtype
+        self.qkv_kernel = init(
+            nnx.initializers.xavier_uniform(in_axis=0, out_axis=(2, 3), batch_axis=1),
+            ("embed", None, "heads", "head_dim"),
+            (width, 3, num_heads, head_dim),
+        )
+        self.out_kernel = init(
+            nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
+            ("heads", "head_dim", "embed"),
+            (num_heads, head_dim, width),
+        )
+        zeros = nnx.initializers.zeros
+        self.qkv_bias = (
+            init(zeros, (None, "heads", "head_dim"), (3, num_heads, head_dim)) if use_bias else None
+        )
+        self.out_bias = init(zeros, ("embed",), (width,)) if use_bias else None
+        norm = lambda: nnx.LayerNorm(
+            head_dim,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_init=partitioned(nnx.initializers.ones, ("head_dim",)),
+            bias_init=partitioned(nnx.initializers.zeros, ("head_dim",)),
+            rngs=rngs,
+        )
+        self.query_norm = norm() if qk_norm else None
+        self.key_norm = norm() if qk_norm else None
+
+    def __call__(self, x: jax.Array, attend: jax.Array) -> jax.Array:
+        """x [B, L, D], attend [B, 1, L, L] -> [B, L, D]."""
+        qkv = jnp.einsum("bld,dthk->blthk", x, self.qkv_kernel[...].astype(self.dtype))
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...].astype(self.dtype)  # [B, L, 3, H, Dh]
+        qkv = constrain(qkv, ("act_batch", "act_len", None, "act_heads", None))
+        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
+        if self.query_norm is not None:
+            query, key = self.query_norm(query), self.key_norm(key)
+        mixed = masked_attention(query, key, value, attend, self.impl)  # [B, L, H, Dh]
+        out = jnp.einsum("blhk,hkd->bld", mixed, self.out_kernel[...].astype(self.dtype))
+        if self.out_bias is not None:
+            out = out + self.out_bias[...].astype(self.dtype)
+        return out  # [B, L, D]

@@ -1,0 +1,210 @@
+"""NaViT encoder over packed batches: patch embedding, positional embedding, pre-LN blocks
+with segment-masked attention, final norm, masked pooling to one vector per example slot.
+
+Input: the packed batch of docs/architecture.md section 3. Output: `tokens` [B, L, D] (zero at
+padding), `pooled` [B, E_max, D] (zero at empty slots) and `pooled_valid` [B, E_max].
+Token dropping lives in the input pipeline, never here; dropout runs only when
+`deterministic=False`.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from navit_seq.models.attention import SelfAttention, segment_attend_mask
+from navit_seq.models.partitioning import constrain, partitioned
+from navit_seq.models.pooling import POOLINGS, MAPHead, masked_mean_pool, slot_token_mask
+from navit_seq.models.posemb import PositionalEmbedding, default_posemb_config
+
+# Standard ViT sizes (Dosovitskiy et al. 2021; g from Zhai et al. 2022, "Scaling ViTs").
+PRESETS = {
+    "Ti": {"width": 192, "depth": 12, "num_heads": 3, "mlp_dim": 768},
+    "S": {"width": 384, "depth": 12, "num_heads": 6, "mlp_dim": 1536},
+    "B": {"width": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072},
+    "L": {"width": 1024, "depth": 24, "num_heads": 16, "mlp_dim": 4096},
+    "H": {"width": 1280, "depth": 32, "num_heads": 16, "mlp_dim": 5120},
+    "g": {"width": 1408, "depth": 40, "num_heads": 16, "mlp_dim": 6144},
+}
+_SIZE_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def preset(variant: str) -> dict[str, int]:
+    """Width, depth, heads and MLP size of a named ViT size ("Ti", "S", "B", "L", "H", "g")."""
+    if variant not in PRESETS:
+        raise ValueError(f"model.variant={variant!r} is not one of {tuple(PRESETS)}.")
+    return dict(PRESETS[variant])
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    """`config.model` for the encoder with the paper's choices; recipes extend it."""
+    placeholder = ml_collections.config_dict.placeholder
+    return ml_collections.ConfigDict(
+        {
+            "variant": "S",
+            # Set any of these to override the preset (tests use tiny models).
+            **{field: placeholder(int) for field in _SIZE_FIELDS},
+            "patch_size": 16,
+            "num_channels": 3,
+            "posemb": default_posemb_config(),
+            "qk_norm": True,  # NaViT: query-key normalization
+            "use_bias": False,  # NaViT: no biases in dense layers and norms
+            "pooling": "map",  # "map" (attention pooling) or "mean"
+            "attention_impl": "xla",
+            "dropout": 0.0,
+            "num_classes": 1000,  # used by the Classifier only
+            "head_bias_init": 0.0,
+            "dtype": "float32",  # activation dtype
+            "param_dtype": "float32",
+        }
+    )
+
+
+def model_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The preset of `config.variant` with any explicit size fields applied on top."""
+    sizes = preset(config.variant)
+    sizes.update({f: config[f] for f in _SIZE_FIELDS if config.get(f) is not None})
+    return sizes
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    """A dtype from its config name, with a clear error."""
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {tuple(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+class MLP(nnx.Module):
+    """Two dense layers with GELU; dropout after each when not deterministic."""
+
+    def __init__(self, width: int, mlp_dim: int, *, use_bias: bool, dropout: float, dtype,
+                 param_dtype, rngs: nnx.Rngs):  # fmt: skip
+        dense = lambda d_in, d_out, names: nnx.Linear(
+            d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=partitioned(nnx.initializers.xavier_uniform(), names),
+            bias_init=partitioned(nnx.initializers.normal(1e-6), names[1:]),
+            rngs=rngs,
+        )  # fmt: skip
+        self.fc1 = dense(width, mlp_dim, ("embed", "mlp"))
+        self.fc2 = dense(mlp_dim, width, ("mlp", "embed"))
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        hidden = jax.nn.gelu(self.fc1(x))  # [..., mlp_dim]
+        hidden = constrain(hidden, ("act_batch", "act_len", "act_mlp")[-hidden.ndim :])
+        hidden = self.dropout(hidden, deterministic=deterministic)
+        return self.fc2(hidden)
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, sizes: Mapping[str, int], config: ml_collections.ConfigDict, *,
+                 rngs: nnx.Rngs):  # fmt: skip
+        dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
+        width = sizes["width"]
+        norm = lambda: nnx.LayerNorm(
+            width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
+            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
+            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+            rngs=rngs,
+        )  # fmt: skip
+        self.attention_norm = norm()
+        self.attention = SelfAttention(
+            width, sizes["num_heads"], qk_norm=config.qk_norm, use_bias=config.use_bias,
+            impl=config.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.mlp_norm = norm()
+        self.mlp = MLP(
+            width, sizes["mlp_dim"], use_bias=config.use_bias, dropout=config.dropout,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, attend: jax.Array, *, deterministic: bool) -> jax.Array:
+        """x [B, L, D], attend [B, 1, L, L] -> [B, L, D]."""
+        mixed = self.attention(self.attention_norm(x), attend)
+        x = x + self.dropout(mixed, deterministic=deterministic)
+        x = constrain(x, ("act_batch", "act_len", "act_emb"))
+        hidden = self.mlp(self.mlp_norm(x), deterministic=deterministic)
+        x = x + self.dropout(hidden, deterministic=deterministic)
+        return constrain(x, ("act_batch", "act_len", "act_emb"))
+
+
+class NaViT(nnx.Module):
+    """The NaViT encoder (see the module docstring for inputs and outputs)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        if config.pooling not in (*POOLINGS, "none"):
+            raise ValueError(
+                f"model.pooling={config.pooling!r} is not one of {(*POOLINGS, 'none')}."
+            )
+        sizes = model_sizes(config)
+        width = sizes["width"]
+        dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
+        self.dtype, self.pooling = dtype, config.pooling
+        self.patch_dim = config.patch_size**2 * config.num_channels
+        self.patch_embed = nnx.Linear(
+            self.patch_dim, width, use_bias=config.use_bias, dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=partitioned(nnx.initializers.lecun_normal(), ("patch", "embed")),
+            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+            rngs=rngs,
+        )  # fmt: skip
+        self.posemb = PositionalEmbedding(config.posemb, width, param_dtype=param_dtype, rngs=rngs)
+        self.blocks = nnx.List(
+            [EncoderBlock(sizes, config, rngs=rngs) for _ in range(sizes["depth"])]
+        )
+        self.final_norm = nnx.LayerNorm(
+            width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
+            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
+            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+            rngs=rngs,
+        )  # fmt: skip
+        if config.pooling == "map":
+            mlp = MLP(width, sizes["mlp_dim"], use_bias=config.use_bias, dropout=0.0,
+                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+            self.map_head = MAPHead(
+                width, sizes["num_heads"], mlp, use_bias=config.use_bias,
+                impl=config.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            )  # fmt: skip
+        else:
+            self.map_head = None
+
+    def __call__(
+        self, batch: Mapping[str, jax.Array], *, deterministic: bool
+    ) -> dict[str, jax.Array]:
+        """Packed batch -> {"tokens" [B, L, D], "pooled" [B, E, D], "pooled_valid" [B, E]}."""
+        patches, segment_ids = batch["patches"], batch["segment_ids"]
+        if patches.shape[-1] != self.patch_dim:
+            raise ValueError(
+                f"batch['patches'] has {patches.shape[-1]} values per patch but the model "
+                f"expects patch_size**2 * num_channels = {self.patch_dim}; make "
+                "model.patch_size match data.patch_size."
+            )
+        token_valid = (segment_ids > 0)[..., None]  # [B, L, 1]
+        pixels = patches.astype(self.dtype) / 127.5 - 1.0  # [B, L, P*P*C] in [-1, 1]
+        x = self.patch_embed(pixels)  # [B, L, D]
+        x = x + self.posemb(batch["patch_coords"], segment_ids, batch["image_grid"]).astype(
+            self.dtype
+        )
+        x = constrain(x, ("act_batch", "act_len", "act_emb"))
+        attend = segment_attend_mask(segment_ids)  # [B, 1, L, L], shared by every layer
+        for block in self.blocks:
+            x = block(x, attend, deterministic=deterministic)
+        tokens = jnp.where(token_valid, self.final_norm(x), 0)  # [B, L, D]
+
+        max_examples = batch["example_valid"].shape[1]
+        in_slot = slot_token_mask(segment_ids, max_examples)  # [B, E, L]
+        pooled_valid = batch["example_valid"] & in_slot.any(-1)  # [B, E]
+        if self.pooling == "map":
+            pooled = self.map_head(tokens, in_slot)
+        elif self.pooling == "mean":
+            pooled = masked_mean_pool(tokens, in_slot)
+        else:
+            pooled = jnp.zeros((*pooled_valid.shape, tokens.shape[-1]), tokens.dtype)
+        pooled = jnp.where(pooled_valid[..., None], pooled, 0)  # [B, E, D]
+        return {"tokens": tokens, "pooled": pooled, "pooled_valid": pooled_valid}
