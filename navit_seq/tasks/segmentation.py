@@ -1,0 +1,204 @@
+"""Instance segmentation as token sequences, one row per object (Pix2Seq v2).
+
+Prompt [seg ymin xmin ymax xmax class]; response the object's polygons as (y x) coordinate
+pairs joined by SEPARATOR, at most `max_points` points in all, then END (`end_weight`).
+Objects with more points keep their largest polygons and evenly spaced vertices of each.
+Rows are [R, T], R = objects encoded (0..max_instances); `instance_index [R]` names them.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from navit_seq.tasks.vocab import Vocab, build_row, response_until_end, stack_rows
+
+MIN_POLYGON_POINTS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationTask:
+    """Encodes object polygons into rows and decodes generated tokens back into polygons."""
+
+    vocab: Vocab
+    seq_len: int  # T, tokens per row
+    max_points: int = 128  # points per object (all its polygons together)
+    max_instances: int = 100  # rows per image
+    end_weight: float = 0.1
+
+    PROMPT_LENGTH: ClassVar[int] = 6  # [seg y0 x0 y1 x1 class]
+    STAT_KEYS: ClassVar[tuple[str, ...]] = (
+        "examples",
+        "instances",  # rows encoded
+        "no_instances",  # examples left with no row
+        "instances_truncated",  # more objects than max_instances
+        "unknown_class",
+        "no_polygon",  # crowd (RLE only) or no polygon with >= 3 points
+        "polygons_too_few_points",  # polygons with < 3 points, dropped
+        "instances_simplified",  # more points than fit: vertices subsampled / polygons dropped
+    )
+
+    def __post_init__(self):
+        if self.point_budget < MIN_POLYGON_POINTS:
+            raise ValueError(
+                f"SegmentationTask seq_len={self.seq_len}, max_points={self.max_points} hold no "
+                f"polygon: need max_points >= 3 and seq_len >= {self.PROMPT_LENGTH + 6}."
+            )
+
+    @property
+    def point_budget(self) -> int:
+        """Points one row holds with a single polygon (each extra polygon costs a SEP)."""
+        return min(self.max_points, (self.seq_len - self.PROMPT_LENGTH) // 2)
+
+    def prompt(self, box: np.ndarray, label: int) -> np.ndarray:
+        """[seg y0 x0 y1 x1 class] for a box (normalized, [4]) and a class index."""
+        return np.concatenate(
+            [
+                [Vocab.SEGMENTATION_PROMPT],
+                self.vocab.coord_tokens(np.asarray(box)),
+                self.vocab.class_tokens(np.asarray([label])),
+            ]
+        ).astype(np.int32)
+
+    def encode(
+        self, example: dict[str, Any], *, training: bool, rng: np.random.Generator | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """Example -> ({prompt_tokens [R, 6], input_tokens, target_tokens, token_weights
+        [R, T], instance_index [R]}, stats). Training picks which objects to keep at random."""
+        if training and rng is None:
+            raise ValueError("SegmentationTask.encode(training=True) needs rng.")
+        stats = dict.fromkeys(self.STAT_KEYS, 0)
+        stats["examples"] = 1
+        objects = example["objects"]
+        boxes = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
+        labels = np.asarray(objects["label"], np.int64).reshape(-1)
+        per_object = _polygons_per_object(example)
+
+        candidates = []  # (object index, polygons)
+        for index, polygons in enumerate(per_object):
+            if not 0 <= labels[index] < self.vocab.num_classes:
+                stats["unknown_class"] += 1
+                continue
+            usable = [p for p in polygons if len(p) >= MIN_POLYGON_POINTS]
+            stats["polygons_too_few_points"] += len(polygons) - len(usable)
+            if not usable:
+                stats["no_polygon"] += 1
+                continue
+            candidates.append((index, usable))
+        if training:
+            candidates = [candidates[i] for i in rng.permutation(len(candidates))]
+        stats["instances_truncated"] = max(0, len(candidates) - self.max_instances)
+        candidates = candidates[: self.max_instances]
+
+        rows = []
+        for index, polygons in candidates:
+            fitted = self._fit(polygons)
+            stats["instances_simplified"] += int(fitted is not polygons)
+            response = _serialize(fitted, self.vocab)
+            prompt = self.prompt(np.clip(boxes[index], 0.0, 1.0), labels[index])
+            weights = np.ones(len(response), np.float32)
+            rows.append(
+                (prompt, *build_row(prompt, response, weights, self.seq_len, self.end_weight))
+            )
+        stats["instances"] = len(rows)
+        stats["no_instances"] = int(not rows)
+        out = stack_rows(rows, self.seq_len, self.PROMPT_LENGTH)
+        out["instance_index"] = np.array([index for index, _ in candidates], np.int32)  # [R]
+        return out, stats
+
+    def decode(self, tokens: np.ndarray) -> tuple[list[np.ndarray], dict[str, int]]:
+        """Generated tokens after the prompt [T'] -> (polygons, each [K, 2] normalized (y, x)
+        in the image, stats). Non-coordinate tokens, an unpaired coordinate and polygons
+        with < 3 points are dropped and counted."""
+        tokens = response_until_end(tokens)
+        stats = {"polygons": 0, "malformed_tokens": 0, "polygons_too_few_points": 0}
+        polygons = []
+        for part in np.split(tokens, np.flatnonzero(tokens == Vocab.SEPARATOR)):
+            part = part[part != Vocab.SEPARATOR]
+            is_coord = self.vocab.is_coord(part)
+            coords = part[is_coord]
+            stats["malformed_tokens"] += int((~is_coord).sum()) + len(coords) % 2
+            points = self.vocab.token_coords(coords[: len(coords) // 2 * 2]).reshape(-1, 2)
+            if len(points) >= MIN_POLYGON_POINTS:
+                polygons.append(points)
+            elif len(part):
+                stats["polygons_too_few_points"] += 1
+        stats["polygons"] = len(polygons)
+        return polygons, stats
+
+    def _fit(self, polygons: list[np.ndarray]) -> list[np.ndarray]:
+        """The polygons themselves if they fit the row, else the largest ones that can keep
+        3 points each, with evenly spaced vertices in proportion to their sizes."""
+        sizes = np.array([len(p) for p in polygons])
+
+        def budget(count: int) -> int:  # points that fit next to count - 1 separators
+            return min(self.max_points, (self.seq_len - self.PROMPT_LENGTH - count + 1) // 2)
+
+        if sizes.sum() <= budget(len(polygons)):
+            return polygons
+        count = len(polygons)
+        while MIN_POLYGON_POINTS * count > budget(count):
+            count -= 1
+        largest = np.argsort([-_area(p) for p in polygons], kind="stable")[:count]
+        kept = [polygons[i] for i in sorted(largest)]
+        counts = _allocate(np.array([len(p) for p in kept]), budget(count))
+        return [p[_even_indices(len(p), k)] for p, k in zip(kept, counts, strict=True)]
+
+
+def polygons_to_rle(polygons: Sequence[np.ndarray], height: int, width: int) -> dict:
+    """Normalized (y, x) polygons -> one COCO RLE of their union at height x width pixels."""
+    if not polygons:
+        return mask_utils.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]
+    # pycocotools takes flat (x, y) pixel coordinates.
+    scale = np.array([height, width], np.float64)
+    flat = [(np.asarray(p, np.float64) * scale)[:, ::-1].reshape(-1).tolist() for p in polygons]
+    return mask_utils.merge(mask_utils.frPyObjects(flat, height, width))
+
+
+def _polygons_per_object(example: dict[str, Any]) -> list[list[np.ndarray]]:
+    """The flat polygon layout of features.py -> per object, a list of [K, 2] arrays."""
+    num_polygons = np.asarray(example["objects"]["num_polygons"], np.int64).reshape(-1)
+    sizes = np.asarray(example["polygon_sizes"], np.int64).reshape(-1)
+    points = np.asarray(example["polygon_points"], np.float32).reshape(-1, 2)
+    if num_polygons.sum() != len(sizes) or sizes.sum() != len(points):
+        raise ValueError(
+            f"example {example.get('image_id')}: objects/num_polygons sums to "
+            f"{num_polygons.sum()} polygons of sizes {sizes.sum()} points, but polygon_sizes "
+            f"has {len(sizes)} entries and polygon_points {len(points)} rows: rebuild the "
+            "dataset with the layout of navit_seq/data/features.py."
+        )
+    polygons = np.split(points, np.cumsum(sizes)[:-1]) if len(sizes) else []
+    bounds = np.concatenate([[0], np.cumsum(num_polygons)])
+    return [polygons[start:stop] for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _serialize(polygons: list[np.ndarray], vocab: Vocab) -> np.ndarray:
+    """y x y x ... SEP y x ... (int32)."""
+    parts = []
+    for i, polygon in enumerate(polygons):
+        if i:
+            parts.append(np.array([Vocab.SEPARATOR], np.int32))
+        parts.append(vocab.coord_tokens(polygon).reshape(-1))
+    return np.concatenate(parts)
+
+
+def _area(polygon: np.ndarray) -> float:
+    """Shoelace area (normalized units)."""
+    y, x = polygon[:, 0], polygon[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _allocate(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Points per polygon: proportional to its size, >= 3, <= its size, summing <= budget."""
+    counts = np.floor(sizes * budget / sizes.sum()).astype(np.int64)
+    counts = np.clip(counts, MIN_POLYGON_POINTS, sizes)
+    while counts.sum() > budget:  # the >= 3 floor can overshoot by a few points
+        counts[np.argmax(counts)] -= 1
+    return counts
+
+
+def _even_indices(size: int, count: int) -> np.ndarray:
+    """`count` distinct, evenly spaced vertex indices of a polygon of `size` vertices."""
+    return np.floor(np.arange(count) * size / count).astype(np.int64)
