@@ -355,6 +355,14 @@ def test_building_twice_returns_the_stored_report(built, coco_dir):
     assert again["already_built"] and again["splits"] == report["splits"]
 
 
+def test_second_dataset_is_built_beside_the_first_under_its_own_name(built, coco_dir):
+    _, data_dir = built
+    report = coco.build(coco_dir, data_dir, name="tiny_coco_val", splits=["val"])
+    assert list(report["splits"]) == ["val"]
+    assert len(tfds.data_source("tiny_coco_val", split="val", data_dir=data_dir)) == 1
+    assert len(tfds.data_source("tiny_coco", split="train", data_dir=data_dir)) == 5
+
+
 def test_sources_module_reads_the_dataset_when_present(built):
     sources = pytest.importorskip("navit_seq.data.sources")
     _, data_dir = built
@@ -433,6 +441,17 @@ def _set_annotation(annotation_id, **fields):
             lambda c: c["annotations"].append(dict(c["annotations"][0])),
             r"instances_train.json: duplicate annotation id 101",
         ),
+        (
+            "person_keypoints_train.json",
+            _set_annotation(101, image_id=7),
+            r"person_keypoints_train.json: annotation id 101 has image_id 7 here but 1 in the "
+            r"instances file",
+        ),
+        (
+            "instances_train.json",
+            _set_annotation(101, area="big"),
+            r"instances_train.json: annotation id 101 \(image id 1\) has area='big'",
+        ),
     ],
     ids=[
         "unknown_image",
@@ -443,6 +462,8 @@ def _set_annotation(annotation_id, **fields):
         "caption_unknown_image",
         "rle_wrong_size",
         "duplicate_id",
+        "keypoints_disagree_with_instance",
+        "area_not_a_number",
     ],
 )
 def test_bad_annotation_raises_naming_file_and_record(

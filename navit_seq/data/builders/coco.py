@@ -291,7 +291,7 @@ def _clean_annotation(
         raise CocoFormatError(f"{path}: {what} has iscrowd={is_crowd!r}; expected 0 or 1.")
     area = annotation.get("area")
     if area is not None:
-        _check_finite(float(area), path, f"{what} area")
+        _require(annotation, "area", path, what, (int, float))
     return {
         "id": annotation_id,
         "category_id": annotation["category_id"],
@@ -300,7 +300,7 @@ def _clean_annotation(
         "rle": rle,
         "is_crowd": bool(is_crowd),
         "area": area,
-        "keypoints": None,
+        "image_id": image["id"],
     }
 
 
@@ -362,6 +362,17 @@ def _check_references(
             )
 
 
+def _check_same_object(instance: dict, person: dict, path: str) -> None:
+    """The keypoints file's record must describe the instances file's annotation of that id."""
+    for field in ("image_id", "category_id"):
+        if instance.get(field) != person.get(field):
+            raise CocoFormatError(
+                f"{path}: annotation id {person['id']} has {field} {person.get(field)} here "
+                f"but {instance.get(field)} in the instances file; the files must describe "
+                "the same annotation."
+            )
+
+
 def load_split(coco_dir: str, split: str) -> SplitPlan:
     """Reads and validates one split's annotation files (see the module docstring)."""
     report = SplitReport()
@@ -384,30 +395,27 @@ def load_split(coco_dir: str, split: str) -> SplitPlan:
             _merge_categories(categories, coco, path)
 
     annotations: dict[int, dict] = {}  # annotation id -> cleaned annotation
+    instance_records: dict[int, dict] = {}  # annotation id -> the instances file's record
     for kind in ("instances", "person_keypoints"):
         if kind not in cocos:
             continue
         path = os.path.join(coco_dir, "annotations", f"{kind}_{split}.json")
         for annotation in cocos[kind].dataset.get("annotations", []):
             _check_references(annotation, images, categories, path)
-            if annotation["id"] in annotations:  # a person in instances: add its keypoints
-                if annotations[annotation["id"]]["category_id"] != annotation["category_id"]:
-                    raise CocoFormatError(
-                        f"{path}: annotation id {annotation['id']} has category id "
-                        f"{annotation['category_id']} here but a different one in the "
-                        "instances file; the files must describe the same annotation."
-                    )
-                annotations[annotation["id"]]["keypoints"] = _check_keypoints(annotation, path)
+            keypoints = _check_keypoints(annotation, path) if "keypoints" in annotation else None
+            if kind == "person_keypoints" and keypoints is None:
+                keypoints = _check_keypoints(annotation, path)  # raises: the field is required
+            instance = instance_records.get(annotation["id"])
+            if instance is not None:  # a person of the instances file: add its keypoints
+                _check_same_object(instance, annotation, path)
+                if annotation["id"] in annotations:  # else skipped (and counted) already
+                    annotations[annotation["id"]]["keypoints"] = keypoints
                 continue
-            image = images[annotation["image_id"]]
-            cleaned = _clean_annotation(annotation, image, path, report)
-            if kind == "person_keypoints":
-                keypoints = _check_keypoints(annotation, path)
-                if cleaned is not None:
-                    cleaned["keypoints"] = keypoints
+            if kind == "instances":
+                instance_records[annotation["id"]] = annotation
+            cleaned = _clean_annotation(annotation, images[annotation["image_id"]], path, report)
             if cleaned is not None:
-                cleaned["image_id"] = image["id"]
-                annotations[annotation["id"]] = cleaned
+                annotations[annotation["id"]] = {**cleaned, "keypoints": keypoints}
 
     per_image: dict[int, list[dict]] = collections.defaultdict(list)
     for annotation in sorted(annotations.values(), key=lambda a: a["id"]):
