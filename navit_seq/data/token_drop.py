@@ -124,7 +124,7 @@ def sample_drop_rate(
     mu = config.d_min + (config.d_max - config.d_min) * frac
     half_width = TRUNCATION_SIGMAS * config.std
     rate = truncated_normal(rng, mu, config.std, mu - half_width, mu + half_width)
-    return float(np.clip(rate, 0.0, config.d_max))
+    return float(np.clip(rate, 0.0, 1.0))  # mu +- 2 std may leave [0, 1] near the ends
 
 
 def num_tokens_kept(num_tokens: int, rate: float) -> int:
