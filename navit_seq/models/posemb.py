@@ -67,12 +67,20 @@ def _raise_if_out_of_range(largest: np.ndarray, table_len: int, what: str) -> No
         raise ValueError(_out_of_range_message(int(largest), table_len, what))
 
 
-def sinusoidal(positions: jax.Array, dim: int) -> jax.Array:
-    """Transformer sin/cos embedding of float positions [...] -> [..., dim]."""
+def sinusoidal_frequencies(dim: int, axis: int) -> np.ndarray:
+    """The dim/2 transformer frequencies 1 / 10000^(i / (dim/2)) for the row axis (0).
+
+    The column axis (1) takes the frequencies half-way between them, so that phi_y and phi_x
+    differ: with equal frequencies, sum and product would embed (r, c) and (c, r) alike.
+    """
     half = dim // 2
-    frequencies = 1.0 / 10_000 ** (jnp.arange(half, dtype=jnp.float32) / half)  # [dim/2]
-    angles = positions[..., None].astype(jnp.float32) * frequencies  # [..., dim/2]
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return 1.0 / 10_000 ** ((np.arange(half, dtype=np.float32) + 0.5 * axis) / half)
+
+
+def sinusoidal(positions: jax.Array, dim: int, axis: int) -> jax.Array:
+    """Sin/cos embedding of float positions [...] along `axis` (0 row, 1 column) -> [..., dim]."""
+    angles = positions[..., None].astype(jnp.float32) * sinusoidal_frequencies(dim, axis)
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [..., dim]
 
 
 class PositionalEmbedding(nnx.Module):
@@ -117,8 +125,8 @@ class PositionalEmbedding(nnx.Module):
         # Fourier frequencies start at the sinusoidal ones (one row per axis); training moves
         # them.
         half = self.axis_dim // 2
-        start = 1.0 / 10_000 ** (np.arange(half, dtype=np.float32) / half)
-        init = lambda key, shape, dtype: jnp.broadcast_to(jnp.asarray(start, dtype), shape)
+        start = np.stack([sinusoidal_frequencies(self.axis_dim, axis) for axis in (0, 1)])
+        init = lambda key, shape, dtype: jnp.asarray(start, dtype)
         fourier = kind == "factorized" and embedding == "fourier"
         self.frequencies = (
             param(rngs, init, (None, None), (2, half), param_dtype) if fourier else None
@@ -161,7 +169,7 @@ class PositionalEmbedding(nnx.Module):
         if self.coords == "fractional":
             position = position / side * self.max_len
         if self.embedding == "sinusoidal":
-            return sinusoidal(position, self.axis_dim)
+            return sinusoidal(position, self.axis_dim, axis)
         angles = position[..., None] * self.frequencies[...][axis].astype(jnp.float32)
         return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
