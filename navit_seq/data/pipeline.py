@@ -15,6 +15,7 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from navit_seq import tasks
 from navit_seq.data import packing, patches, resolution, token_drop
@@ -164,6 +165,10 @@ def make_dataset(
         grain.ReadOptions(num_threads=config.worker_threads, prefetch_buffer_size=16)
     )
     if config.num_workers > 0:
+        # grain 0.2.18's mp_prefetch reads an absl flag and fails when the program (a library
+        # user, pytest) never parsed flags; their defaults are what we want then.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         stream = stream.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=config.num_workers,
