@@ -1,0 +1,589 @@
+"""Procedural scenes with every annotation kind (boxes, masks, polygons, keypoints, captions).
+
+Pure numpy/PIL (no TensorFlow), so multiprocessing workers stay light. One call to
+`render_scene` draws one scene from its own RNG and returns it in the `features.py` structure.
+
+Geometry convention: continuous pixel coordinates where pixel (i, j) covers [i, i+1) x [j, j+1)
+(COCO's convention); stored coordinates are these divided by the image's height / width.
+Painter's order: objects later in the list are drawn on top. Masks, boxes and polygons
+describe the *visible* region of each object; an object whose visible region is smaller than
+`SceneSpec.min_visible_pixels` pixels or `min_visible_fraction` of its drawn area is removed
+from the annotations (it stays in the picture) and counted in `RenderedScene.num_hidden`.
+"""
+
+import dataclasses
+import zlib
+from typing import Any, Literal
+
+import contourpy
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+NUM_KEYPOINTS = 17  # COCO person keypoints (order as navit_seq.data.features.KEYPOINT_NAMES)
+CLASS_NAMES = (
+    "person", "circle", "ellipse", "square", "triangle", "diamond",
+    "pentagon", "hexagon", "star", "cross", "ring", "arrow",
+)  # fmt: skip
+PLURALS = {"person": "people", "cross": "crosses"}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 215, 40),
+    "orange": (245, 140, 30),
+    "purple": (140, 60, 190),
+    "pink": (245, 125, 185),
+    "cyan": (40, 205, 215),
+}
+COLOUR_NAMES = tuple(COLOURS)
+BACKGROUNDS = ("plain", "striped", "checkered", "mottled")
+PERSON_PROBABILITY = 0.2  # persons are over-sampled so keypoint tasks see enough of them
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten")  # fmt: skip
+
+
+def heldout_colour(label: int) -> int:
+    """The one colour index that class `label` takes only in the held-out split.
+
+    (3 * label + colour) % 8 == 0 spreads the 12 held-out combinations over all 8 colours.
+    """
+    return (-3 * label) % len(COLOUR_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneSpec:
+    """What a scene may look like; `combos` picks seen or held-out colour-shape combinations."""
+
+    min_side: int = 48
+    max_side: int = 640
+    max_aspect_ratio: float = 3.0  # long side / short side
+    min_objects: int = 1
+    max_objects: int = 10
+    min_object_fraction: float = 0.12  # object size / image short side
+    max_object_fraction: float = 0.5
+    combos: Literal["seen", "heldout"] = "seen"
+    min_visible_pixels: int = 16
+    min_visible_fraction: float = 0.1
+    num_captions: int = 5
+
+    def __post_init__(self):
+        if not 8 <= self.min_side <= self.max_side:
+            raise ValueError(
+                f"SceneSpec: need 8 <= min_side <= max_side, got min_side={self.min_side}, "
+                f"max_side={self.max_side}; pass e.g. min_side=48, max_side=640."
+            )
+        if self.max_aspect_ratio < 1:
+            raise ValueError(
+                f"SceneSpec.max_aspect_ratio={self.max_aspect_ratio} must be >= 1 (long/short)."
+            )
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(
+                f"SceneSpec: need 1 <= min_objects <= max_objects, got {self.min_objects}, "
+                f"{self.max_objects}."
+            )
+        if self.combos not in ("seen", "heldout"):
+            raise ValueError(f"SceneSpec.combos={self.combos!r}: use 'seen' or 'heldout'.")
+
+
+@dataclasses.dataclass
+class RenderedScene:
+    example: dict[str, Any]  # the features.py structure, as numpy arrays / python strings
+    num_hidden: int  # objects drawn but removed from the annotations (too little visible)
+
+
+@dataclasses.dataclass
+class _Object:
+    label: int
+    colour: int
+    size: float  # pixels: circumscribed diameter (height for a person)
+    mask_drawer: Any  # callable(ImageDraw, offset_yx) drawing the shape with fill 1
+    extent: tuple[float, float, float, float]  # (ymin, xmin, ymax, xmax) continuous pixels
+    keypoints: np.ndarray | None = None  # [17, 2] (y, x) continuous pixels, persons only
+
+
+def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The RNG of one scene, a pure function of (seed, split name, index)."""
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+
+
+def render_scene(
+    rng: np.random.Generator, spec: SceneSpec = SceneSpec(), image_id: int = 0
+) -> RenderedScene:
+    """Draws one scene and returns its image and annotations (see the module docstring)."""
+    height, width = _sample_image_size(rng, spec)
+    background_name, image = _background(rng, height, width)  # [H, W, 3] uint8
+    objects = [
+        _sample_object(rng, spec, height, width)
+        for _ in range(rng.integers(spec.min_objects, spec.max_objects + 1))
+    ]
+
+    owner = np.full((height, width), -1, np.int8)  # index of the object seen at each pixel
+    drawn_area = []
+    for index, obj in enumerate(objects):
+        y0, x0, y1, x1 = _pixel_window(obj.extent, height, width)
+        if y1 <= y0 or x1 <= x0:
+            drawn_area.append(0)
+            continue
+        canvas = Image.new("L", (x1 - x0, y1 - y0), 0)
+        obj.mask_drawer(ImageDraw.Draw(canvas), (y0, x0))
+        shape = np.asarray(canvas, dtype=bool)  # [h, w] within the window
+        drawn_area.append(int(shape.sum()))
+        owner[y0:y1, x0:x1][shape] = index
+        shade = rng.integers(-20, 21)
+        colour = np.clip(np.asarray(COLOURS[COLOUR_NAMES[obj.colour]]) + shade, 0, 255)
+        image[y0:y1, x0:x1][shape] = colour.astype(np.uint8)
+
+    annotations = []
+    num_hidden = 0
+    for index, obj in enumerate(objects):
+        y0, x0, y1, x1 = _pixel_window(obj.extent, height, width)
+        visible = owner[y0:y1, x0:x1] == index if y1 > y0 and x1 > x0 else np.zeros((0, 0), bool)
+        area = int(visible.sum())
+        if area < max(spec.min_visible_pixels, spec.min_visible_fraction * drawn_area[index]):
+            num_hidden += 1
+            continue
+        annotations.append(_annotate(obj, index, visible, (y0, x0), owner))
+
+    example = _assemble(rng, spec, annotations, image, background_name, image_id)
+    return RenderedScene(example=example, num_hidden=num_hidden)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _sample_image_size(rng: np.random.Generator, spec: SceneSpec) -> tuple[int, int]:
+    """Aspect ratio log-uniform in [1/r, r], then the long side uniform where both sides fit."""
+    max_ratio = min(spec.max_aspect_ratio, spec.max_side / spec.min_side)
+    ratio = float(np.exp(rng.uniform(-np.log(max_ratio), np.log(max_ratio))))  # height / width
+    stretch = max(ratio, 1 / ratio)
+    long_side = rng.uniform(spec.min_side * stretch, spec.max_side)
+    short_side = long_side / stretch
+    clip = lambda side: int(np.clip(round(side), spec.min_side, spec.max_side))
+    if ratio >= 1:
+        return clip(long_side), clip(short_side)
+    return clip(short_side), clip(long_side)
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> tuple[str, np.ndarray]:
+    """A muted textured background, so objects are not cut out by a colour threshold."""
+    name = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    ys = np.arange(height, dtype=np.float32)
+    xs = np.arange(width, dtype=np.float32)
+    if name == "plain":
+        pattern = np.full((height, width), 128, np.uint8)
+    elif name == "striped":  # sin(a + b) from 1-D factors: cheap at any size
+        angle = rng.uniform(0, np.pi)
+        frequency = 2 * np.pi / rng.uniform(6, 30)
+        phase_y, phase_x = ys * np.sin(angle) * frequency, xs * np.cos(angle) * frequency
+        wave = (
+            np.sin(phase_y)[:, None] * np.cos(phase_x)[None, :]
+            + np.cos(phase_y)[:, None] * np.sin(phase_x)[None, :]
+        )  # [H, W] in [-1, 1]
+        pattern = (wave * 127 + 128).astype(np.uint8)
+    elif name == "checkered":
+        cell = rng.integers(4, 24)
+        odd = ((ys // cell) % 2).astype(bool)[:, None] ^ ((xs // cell) % 2).astype(bool)[None]
+        pattern = np.where(odd, 255, 0).astype(np.uint8)
+    else:  # mottled: smooth noise drawn at low resolution and upsampled
+        low = rng.integers(0, 256, size=(max(2, height // 16), max(2, width // 16)), dtype=np.uint8)
+        pattern = np.asarray(Image.fromarray(low).resize((width, height), Image.BILINEAR))
+    # Each grey level maps to one colour: base +- tint.
+    base = rng.uniform(70, 170, size=3)
+    tint = rng.uniform(-35, 35, size=3)
+    palette = base + (np.arange(256)[:, None] / 127.5 - 1) * tint  # [256, 3]
+    palette = np.clip(palette, 0, 255).astype(np.uint8)
+    return name, palette[pattern]  # [H, W, 3]
+
+
+def _sample_object(rng: np.random.Generator, spec: SceneSpec, height: int, width: int) -> _Object:
+    if rng.uniform() < PERSON_PROBABILITY:
+        label = 0
+    else:
+        label = int(rng.integers(1, len(CLASS_NAMES)))
+    if spec.combos == "heldout":
+        colour = heldout_colour(label)
+    else:
+        seen = [c for c in range(len(COLOUR_NAMES)) if c != heldout_colour(label)]
+        colour = seen[rng.integers(len(seen))]
+    short = min(height, width)
+    size = max(8.0, short * rng.uniform(spec.min_object_fraction, spec.max_object_fraction))
+    if label == 0:
+        size *= 1.6  # a figure is tall and thin: scale its height up to a comparable area
+        return _person(rng, label, colour, size, height, width)
+    radius = size / 2
+    centre_y = rng.uniform(radius, max(radius, height - radius))
+    centre_x = rng.uniform(radius, max(radius, width - radius))
+    return _shape(rng, label, colour, size, centre_y, centre_x)
+
+
+def _regular_polygon(n: int, radius: float, angle: float, start: float = 0.0) -> np.ndarray:
+    theta = start + angle + np.arange(n) * (2 * np.pi / n)
+    return np.stack([-np.cos(theta) * radius, np.sin(theta) * radius], axis=1)  # [n, 2] (y, x)
+
+
+def _shape_outlines(name: str, radius: float, angle: float, rng: np.random.Generator):
+    """(outer outline, hole outline or None), each [n, 2] (y, x) relative to the centre."""
+    rotate = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+    if name == "circle":
+        return _regular_polygon(64, radius, 0.0), None
+    if name == "ellipse":
+        circle = _regular_polygon(64, radius, 0.0)
+        return (circle * [rng.uniform(0.4, 0.7), 1.0]) @ rotate, None
+    if name == "ring":
+        return _regular_polygon(64, radius, 0.0), _regular_polygon(64, radius * 0.5, 0.0)
+    if name == "square":
+        return _regular_polygon(4, radius, angle, np.pi / 4), None
+    if name == "diamond":
+        return (_regular_polygon(4, radius, 0.0) * [1.0, 0.6]) @ rotate, None
+    if name in ("triangle", "pentagon", "hexagon"):
+        sides = {"triangle": 3, "pentagon": 5, "hexagon": 6}[name]
+        return _regular_polygon(sides, radius, angle), None
+    if name == "star":
+        tips = _regular_polygon(5, radius, angle)
+        inner = _regular_polygon(5, radius * 0.45, angle, np.pi / 5)
+        return np.stack([tips, inner], axis=1).reshape(10, 2), None
+    if name == "cross":
+        a, b = radius, radius * 0.35
+        outline = [(-a, -b), (-a, b), (-b, b), (-b, a), (b, a), (b, b), (a, b), (a, -b), (b, -b),
+                   (b, -a), (-b, -a), (-b, -b)]  # fmt: skip
+        return np.asarray(outline) @ rotate, None
+    if name == "arrow":
+        a = radius
+        outline = [(-a, 0), (-0.2 * a, 0.7 * a), (-0.2 * a, 0.3 * a), (a, 0.3 * a), (a, -0.3 * a),
+                   (-0.2 * a, -0.3 * a), (-0.2 * a, -0.7 * a)]  # fmt: skip
+        return np.asarray(outline) @ rotate, None
+    raise ValueError(f"unknown shape name {name!r}; known: {CLASS_NAMES[1:]}")
+
+
+def _to_pil(points_yx: np.ndarray, offset_yx: tuple[int, int]) -> list[tuple[float, float]]:
+    """Continuous (y, x) -> PIL (x, y) in a window whose top-left pixel is `offset_yx`.
+
+    PIL puts pixel centres at integers; continuous coordinates put them at +0.5.
+    """
+    shifted = points_yx - np.asarray(offset_yx) - 0.5
+    return [(float(x), float(y)) for y, x in shifted]
+
+
+def _shape(rng, label, colour, size, centre_y, centre_x) -> _Object:
+    radius = size / 2
+    outer, hole = _shape_outlines(CLASS_NAMES[label], radius, rng.uniform(0, 2 * np.pi), rng)
+    outer = outer + [centre_y, centre_x]
+    hole = None if hole is None else hole + [centre_y, centre_x]
+
+    def draw(canvas: ImageDraw.ImageDraw, offset_yx):
+        canvas.polygon(_to_pil(outer, offset_yx), fill=1)
+        if hole is not None:
+            canvas.polygon(_to_pil(hole, offset_yx), fill=0)
+
+    extent = (*outer.min(0), *outer.max(0))
+    return _Object(label, colour, size, draw, extent)
+
+
+# A front-facing stick figure in units of its height, origin at the hip centre, (y, x) with y
+# down and x to the image right. The person's left side is on the image right (COCO).
+_HEAD_CENTRE = np.array([-0.80, 0.0])
+_HEAD_RADIUS = 0.1
+_FACE = np.array([
+    [0.02, 0.0],     # nose
+    [-0.02, 0.035],  # left eye
+    [-0.02, -0.035],  # right eye
+    [0.0, 0.07],     # left ear
+    [0.0, -0.07],    # right ear
+])  # fmt: skip
+_SHOULDERS = np.array([[-0.6, 0.12], [-0.6, -0.12]])
+_HIPS = np.array([[0.0, 0.08], [0.0, -0.08]])
+_UPPER_ARM, _FOREARM, _THIGH, _SHIN = 0.24, 0.22, 0.27, 0.26
+_LIMB_WIDTH = 0.06
+
+
+def _person(rng, label, colour, height_px, image_height, image_width) -> _Object:
+    """An articulated figure with random limb angles; its 17 keypoints are its joints."""
+
+    def limb(start, length, angle):  # angle 0 = straight down
+        return start + length * np.array([np.cos(angle), np.sin(angle)])
+
+    points = np.zeros((NUM_KEYPOINTS, 2))
+    points[0:5] = _HEAD_CENTRE + _FACE
+    points[5:7] = _SHOULDERS
+    for side, sign in ((0, 1), (1, -1)):  # left (image right), right (image left)
+        elbow = limb(_SHOULDERS[side], _UPPER_ARM, sign * rng.uniform(0.1, 2.6))
+        wrist = limb(elbow, _FOREARM, sign * rng.uniform(-0.5, 3.0))
+        knee = limb(_HIPS[side], _THIGH, sign * rng.uniform(-0.2, 0.8))
+        ankle = limb(knee, _SHIN, sign * rng.uniform(-0.3, 0.5))
+        points[7 + side], points[9 + side] = elbow, wrist
+        points[11 + side], points[13 + side], points[15 + side] = _HIPS[side], knee, ankle
+    tilt = rng.uniform(-0.35, 0.35)
+    rotate = np.array([[np.cos(tilt), np.sin(tilt)], [-np.sin(tilt), np.cos(tilt)]])
+    head_centre = _HEAD_CENTRE @ rotate
+    points = points @ rotate
+    scale = height_px
+    # The hip centre anywhere in the image: limbs and keypoints may leave the picture.
+    origin = np.array([rng.uniform(0, image_height), rng.uniform(0, image_width)])
+    keypoints = points * scale + origin  # [17, 2] (y, x) continuous pixels
+    head = head_centre * scale + origin
+    head_radius = _HEAD_RADIUS * scale
+    half_width = max(1.0, _LIMB_WIDTH * scale / 2)
+    segments = [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)]
+    torso = keypoints[[5, 6, 12, 11]]
+    neck = (keypoints[5] + keypoints[6]) / 2
+
+    def draw(canvas: ImageDraw.ImageDraw, offset_yx):
+        def disc(centre, r):
+            ((x, y),) = _to_pil(centre[None], offset_yx)
+            canvas.ellipse((x - r, y - r, x + r, y + r), fill=1)
+
+        canvas.polygon(_to_pil(torso, offset_yx), fill=1)
+        canvas.line(_to_pil(np.stack([neck, head]), offset_yx), fill=1, width=round(2 * half_width))
+        for a, b in segments:
+            canvas.line(_to_pil(keypoints[[a, b]], offset_yx), fill=1, width=round(2 * half_width))
+        for joint in keypoints[5:]:
+            disc(joint, half_width)
+        disc(head, head_radius)
+
+    outline = np.concatenate([keypoints, head[None] - head_radius, head[None] + head_radius])
+    extent = (*(outline.min(0) - half_width - 1), *(outline.max(0) + half_width + 1))
+    return _Object(label, colour, height_px, draw, extent, keypoints=keypoints)
+
+
+def _pixel_window(extent, height: int, width: int) -> tuple[int, int, int, int]:
+    """Pixel rows/cols [y0, y1) x [x0, x1) that can hold the object, clipped to the image."""
+    ymin, xmin, ymax, xmax = extent
+    return (
+        max(0, int(np.floor(ymin)) - 1),
+        max(0, int(np.floor(xmin)) - 1),
+        min(height, int(np.ceil(ymax)) + 2),
+        min(width, int(np.ceil(xmax)) + 2),
+    )
+
+
+# ----------------------------------------------------------------------------- annotation
+
+
+def _annotate(obj: _Object, index: int, visible: np.ndarray, offset_yx, owner) -> dict:
+    """Box, RLE, polygons and keypoints of one object's visible region."""
+    height, width = owner.shape
+    y0, x0 = offset_yx
+    rows = np.flatnonzero(visible.any(1))
+    cols = np.flatnonzero(visible.any(0))
+    box = np.array([rows[0] + y0, cols[0] + x0, rows[-1] + 1 + y0, cols[-1] + 1 + x0], np.float64)
+    full = np.zeros((height, width), np.uint8, order="F")
+    full[y0 : y0 + visible.shape[0], x0 : x0 + visible.shape[1]] = visible
+    rle = mask_utils.encode(full)
+    polygons = [p + offset_yx for p in trace_polygons(visible)]
+
+    keypoints = np.zeros((NUM_KEYPOINTS, 3))
+    if obj.keypoints is not None:
+        for k, (y, x) in enumerate(obj.keypoints):
+            if 0 <= y < height and 0 <= x < width:
+                seen_owner = owner[int(y), int(x)]
+                keypoints[k] = (y, x, 2 if seen_owner == index else 1)
+    return {
+        "label": obj.label,
+        "colour": obj.colour,
+        "size": obj.size / min(height, width),
+        "box": box,
+        "area": float(visible.sum()),
+        "rle": rle["counts"],
+        "polygons": polygons,
+        "keypoints": keypoints,
+    }
+
+
+def trace_polygons(mask: np.ndarray, tolerance: float = 0.3) -> list[np.ndarray]:
+    """Polygons [n, 2] (y, x, continuous pixels) whose even-odd fill is `mask`.
+
+    Outlines come from contourpy (marching squares through pixel centres: every pixel centre
+    ends up >= 0.35 px from the outline, so a `tolerance` below that keeps each pixel on its
+    side). COCO polygons cannot have holes: each hole is joined to the ring above it by a
+    vertical cut walked there and back, which even-odd rasterisers fill correctly
+    (pycocotools' rasteriser ignores vertical edges altogether).
+    """
+    padded = np.pad(mask, 1).astype(np.float64)
+    generator = contourpy.contour_generator(z=padded, fill_type="OuterOffset")
+    polygons = []
+    for points, offsets in zip(*generator.filled(0.5, 2.0), strict=True):
+        points_yx = points[:, ::-1] - 0.5  # grid index (pixel centre) -> continuous, minus pad
+        rings = [
+            _simplify_ring(points_yx[start:stop], tolerance)
+            for start, stop in zip(offsets[:-1], offsets[1:], strict=True)
+        ]
+        polygon = rings[0]
+        for hole in rings[1:]:
+            polygon = _cut_to_hole(polygon, hole)
+        polygons.append(polygon)
+    return polygons
+
+
+def _cut_to_hole(polygon: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """One ring: `polygon`, a vertical cut up from the hole's top vertex, the hole, and back."""
+    top = int(np.argmin(hole[:, 0]))
+    hole = np.roll(hole, -top, axis=0)
+    top_y, top_x = hole[0]
+    start, stop = polygon, np.roll(polygon, -1, axis=0)
+    spans = (np.minimum(start[:, 1], stop[:, 1]) <= top_x) & (
+        top_x <= np.maximum(start[:, 1], stop[:, 1])
+    )
+    spans &= start[:, 1] != stop[:, 1]
+    fraction = (top_x - start[:, 1]) / np.where(spans, stop[:, 1] - start[:, 1], 1.0)
+    crossing_y = start[:, 0] + fraction * (stop[:, 0] - start[:, 0])
+    above = np.where(spans & (crossing_y <= top_y), crossing_y, -np.inf)
+    edge = int(np.argmax(above))  # the nearest edge above the hole
+    cut = np.array([[above[edge], top_x]])
+    return np.concatenate([polygon[: edge + 1], cut, hole, hole[:1], cut, polygon[edge + 1 :]])
+
+
+def _simplify_ring(ring: np.ndarray, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker on a ring (open or closed), all segments split in parallel per round.
+
+    Hand-written (vectorised over segments): none of the project's dependencies simplifies
+    polygons. Returns an open ring with >= 3 vertices.
+    """
+    ring = ring[:-1] if len(ring) > 1 and np.array_equal(ring[0], ring[-1]) else ring
+    before, after = np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0)
+    turn = (ring - before)[:, 0] * (after - ring)[:, 1] - (ring - before)[:, 1] * (after - ring)[
+        :, 0
+    ]
+    if np.count_nonzero(turn) >= 3:
+        ring = ring[turn != 0]  # collinear vertices carry no shape
+    if len(ring) <= 4:
+        return ring
+    num = len(ring)
+    closed = np.concatenate([ring, ring[:1]])  # [num + 1, 2]
+    keep = np.zeros(num + 1, bool)
+    keep[[0, int(np.argmax(((ring - ring[0]) ** 2).sum(1))), num]] = True
+    index = np.arange(num + 1)
+    while True:
+        kept = np.flatnonzero(keep)
+        segment = np.minimum(np.searchsorted(kept, index, side="right") - 1, len(kept) - 2)
+        a, b = closed[kept[segment]], closed[kept[segment + 1]]
+        direction, offsets = b - a, closed - a
+        length = np.hypot(direction[:, 0], direction[:, 1])
+        cross = direction[:, 0] * offsets[:, 1] - direction[:, 1] * offsets[:, 0]
+        distance = np.where(
+            length > 0, np.abs(cross) / np.maximum(length, 1e-12), np.hypot(*offsets.T)
+        )
+        distance[keep] = 0
+        worst = np.maximum.reduceat(distance, kept[:-1])  # per segment
+        candidates = np.flatnonzero((distance == worst[segment]) & (distance > tolerance))
+        if len(candidates) == 0:
+            return closed[keep][:-1]
+        _, first = np.unique(segment[candidates], return_index=True)
+        keep[candidates[first]] = True
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def noun(label: int, count: int = 1) -> str:
+    name = CLASS_NAMES[label]
+    return name if count == 1 else PLURALS.get(name, name + "s")
+
+
+def _amount(count: int, next_word: str) -> str:
+    """'a' / 'an' for one, a number word otherwise."""
+    if count == 1:
+        return "an" if next_word[0] in "aeiou" else "a"
+    return NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else str(count)
+
+
+def _described(label: int, colour: int, count: int) -> str:
+    """'a red circle', 'three people in blue'."""
+    if label == 0:
+        return f"{_amount(count, 'person')} {noun(label, count)} in {COLOUR_NAMES[colour]}"
+    return f"{_amount(count, COLOUR_NAMES[colour])} {COLOUR_NAMES[colour]} {noun(label, count)}"
+
+
+def _counted(label: int, count: int) -> str:
+    """'a circle', 'two crosses'."""
+    return f"{_amount(count, CLASS_NAMES[label])} {noun(label, count)}"
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _phrase(annotation: dict) -> str:
+    """A noun phrase naming one object, e.g. 'the small red star', 'the person in blue'."""
+    size = annotation["size"]
+    size_word = "small " if size < 0.2 else "large " if size > 0.38 else ""
+    label, colour = annotation["label"], COLOUR_NAMES[annotation["colour"]]
+    if label == 0:
+        return f"the {size_word}person in {colour}"
+    return f"the {size_word}{colour} {CLASS_NAMES[label]}"
+
+
+_TEMPLATES = (
+    "{coloured}.",
+    "a picture of {plain} on a {background} background.",
+    "there {verb} {count} {things}: {coloured}.",
+    "{coloured} on a {background} background.",
+    "an image showing {plain}.",
+    "a {background} scene with {coloured}.",
+    "{plain}.",
+)
+
+
+def _captions(rng: np.random.Generator, annotations: list[dict], background: str, count: int):
+    """`count` captions, each naming every object class present, in varied wording."""
+    by_colour: dict[tuple[int, int], int] = {}
+    by_label: dict[int, int] = {}
+    for a in annotations:
+        by_colour[a["label"], a["colour"]] = by_colour.get((a["label"], a["colour"]), 0) + 1
+        by_label[a["label"]] = by_label.get(a["label"], 0) + 1
+    captions = []
+    templates = rng.permutation(len(_TEMPLATES))[:count]
+    for template in templates:
+        coloured = [_described(label, c, n) for (label, c), n in by_colour.items()]
+        plain = [_counted(label, n) for label, n in by_label.items()]
+        coloured = [coloured[i] for i in rng.permutation(len(coloured))]
+        plain = [plain[i] for i in rng.permutation(len(plain))]
+        n = len(annotations)
+        captions.append(
+            _TEMPLATES[template].format(
+                coloured=_join(coloured),
+                plain=_join(plain),
+                background=background,
+                verb="is" if n == 1 else "are",
+                count=NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else n,
+                things="object" if n == 1 else "objects",
+            )
+        )
+    return captions
+
+
+def _assemble(rng, spec: SceneSpec, annotations, image, background, image_id) -> dict[str, Any]:
+    height, width = image.shape[:2]
+    scale = np.array([height, width], np.float64)
+    num = len(annotations)
+    polygons = [p for a in annotations for p in a["polygons"]]
+    keypoints = np.zeros((num, NUM_KEYPOINTS, 3), np.float32)
+    for i, a in enumerate(annotations):
+        keypoints[i, :, :2] = a["keypoints"][:, :2] / scale
+        keypoints[i, :, 2] = a["keypoints"][:, 2]
+    return {
+        "image": image,
+        "image_id": image_id,
+        "objects": {
+            "bbox": np.array(
+                [a["box"] / np.tile(scale, 2) for a in annotations], np.float32
+            ).reshape(num, 4),
+            "label": np.array([a["label"] for a in annotations], np.int64),
+            "category_id": np.array([a["label"] + 1 for a in annotations], np.int64),
+            "id": np.arange(1, num + 1, dtype=np.int64) + image_id * 1000,
+            "is_crowd": np.zeros(num, bool),
+            "area": np.array([a["area"] for a in annotations], np.float32),
+            "mask_rle": [a["rle"] for a in annotations],
+            "num_polygons": np.array([len(a["polygons"]) for a in annotations], np.int32),
+            "keypoints": keypoints,
+            "num_keypoints": (keypoints[:, :, 2] > 0).sum(1).astype(np.int32),
+            "phrase": [_phrase(a) for a in annotations],
+        },
+        "polygon_points": (
+            np.concatenate(polygons) / scale if polygons else np.zeros((0, 2))
+        ).astype(np.float32),
+        "polygon_sizes": np.array([len(p) for p in polygons], np.int32),
+        "captions": _captions(rng, annotations, background, spec.num_captions)
+        if annotations
+        else [f"an empty {background} background."] * spec.num_captions,
+    }
