@@ -102,21 +102,18 @@ class DetectionTask:
             )
         input_class_tokens = self._corrupt_classes(class_tokens, rng) if training else class_tokens
 
-        def serialize(classes: np.ndarray) -> np.ndarray:
-            coords = self.vocab.coord_tokens(boxes)  # [N, 4]
-            return np.concatenate([coords, classes[:, None]], axis=1).reshape(-1)  # [5N]
-
-        weights = np.concatenate(
-            [np.repeat(coord_weights[:, None], 4, axis=1), class_weights[:, None]], axis=1
-        ).reshape(-1)  # [5N]
+        coords = self.vocab.coord_tokens(boxes)  # [M, 4]
+        response = np.column_stack([coords, class_tokens]).reshape(-1)  # [5M]
+        input_response = np.column_stack([coords, input_class_tokens]).reshape(-1)  # [5M]
+        weights = np.column_stack([np.repeat(coord_weights[:, None], 4, 1), class_weights])
         prompt = np.array([Vocab.DETECTION_PROMPT], np.int32)
         row = build_row(
             prompt,
-            serialize(class_tokens),
-            weights,
+            response,
+            weights.reshape(-1),
             self.seq_len,
             self.end_weight,
-            input_response=serialize(input_class_tokens),
+            input_response=input_response,
         )
         return stack_rows([(prompt, *row)], self.seq_len, self.PROMPT_LENGTH), stats
 
