@@ -452,6 +452,21 @@ def _set_annotation(annotation_id, **fields):
             _set_annotation(101, area="big"),
             r"instances_train.json: annotation id 101 \(image id 1\) has area='big'",
         ),
+        (
+            "instances_train.json",
+            _set_annotation(102, bbox=[1, 2, "3", 4]),
+            r"annotation id 102 \(image id 1\) field 'bbox' holds \[1, 2, '3', 4\]; expected num",
+        ),
+        (
+            "instances_train.json",
+            lambda c: c["images"][0].update(height=-4),
+            r"instances_train.json: image id 1 has size -4x64",
+        ),
+        (
+            "instances_val.json",
+            _set_annotation(201, segmentation={"size": [30, 40], "counts": "abc"}),
+            r"annotation id 201 \(image id 5\) has RLE runs summing to",
+        ),
     ],
     ids=[
         "unknown_image",
@@ -464,6 +479,9 @@ def _set_annotation(annotation_id, **fields):
         "duplicate_id",
         "keypoints_disagree_with_instance",
         "area_not_a_number",
+        "box_not_numbers",
+        "negative_image_size",
+        "compressed_rle_wrong_length",
     ],
 )
 def test_bad_annotation_raises_naming_file_and_record(
@@ -501,6 +519,38 @@ def test_image_size_disagreeing_with_json_raises(coco_dir, tmp_path):
     copy = _mutated_copy(coco_dir, tmp_path, "instances_val.json", mutate)
     with pytest.raises(coco.CocoFormatError, match=r"v.jpg \(image id 5\) is 40x30"):
         coco.build(copy, str(tmp_path / "tfds"), name="bad", splits=["val"])
+
+
+def test_annotation_file_that_is_not_coco_json_raises_naming_it(coco_dir, tmp_path):
+    copy = _mutated_copy(coco_dir, tmp_path, "instances_val.json", lambda c: None)
+    with open(os.path.join(copy, "annotations", "captions_val.json"), "w") as f:
+        f.write("[1, 2")
+    with pytest.raises(coco.CocoFormatError, match=r"captions_val.json: not a readable COCO"):
+        coco.coco_format_builder(copy, str(tmp_path / "tfds"), splits=["val"])
+
+
+def test_compressed_rle_runs_match_the_masks_pycocotools_encoded():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        mask = rng.random(rng.integers(1, 30, size=2)) < rng.random()
+        flat = mask.flatten(order="F").astype(np.int8)
+        changes = np.flatnonzero(np.diff(flat)) + 1
+        runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+        expected = [0, *runs] if flat[0] else runs  # COCO RLE starts with a run of zeros
+        encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert coco._compressed_rle_runs(encoded["counts"].decode()) == expected
+
+
+def test_split_with_captions_only_has_images_and_no_classes(coco_dir, tmp_path):
+    copy = str(tmp_path / "captions_only")
+    os.makedirs(os.path.join(copy, "annotations"))
+    shutil.copytree(os.path.join(coco_dir, "train"), os.path.join(copy, "train"))
+    shutil.copy(os.path.join(coco_dir, "annotations", "captions_train.json"), copy + "/annotations")
+    builder = coco.coco_format_builder(copy, str(tmp_path / "tfds"), name="captions_only")
+    assert builder.info.features["objects"]["label"].names == []
+    plan = builder.plans["train"]
+    assert sorted(plan.images) == [1, 3, 9] and plan.annotations == {}
+    assert plan.captions[1] == ["A person and a dog.", "Two animals?"]
 
 
 def test_folder_without_annotations_raises_with_the_fix(tmp_path):

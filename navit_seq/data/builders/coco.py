@@ -30,7 +30,8 @@ Bad input, decided per case (the report returned by `build` lists every count):
   `reencoded_image`. Annotations without any segmentation are kept with no mask
   (`mask_rle` = b"", `num_polygons` = 0) and counted under `adjusted/no_segmentation`.
 Polygon vertices are stored as given (normalized), not clipped: masks are rasterized from them
-exactly as pycocotools does.
+exactly as pycocotools does. Pixels are the file's stored pixels (EXIF orientation is not
+applied), the frame COCO's annotations and sizes refer to.
 """
 
 import collections
@@ -135,7 +136,7 @@ def _load_coco(path: str) -> COCO:
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco = COCO(path)
-    except (OSError, ValueError, TypeError, KeyError) as error:
+    except (OSError, ValueError, TypeError, KeyError, AssertionError) as error:
         raise CocoFormatError(
             f"{path}: not a readable COCO JSON file ({type(error).__name__}: {error}); "
             "re-download or re-export it."
@@ -149,26 +150,24 @@ def _load_coco(path: str) -> COCO:
 
 
 def _require(record: dict, field: str, path: str, what: str, types_: tuple) -> Any:
-    """The field's value, checked for presence, type and (for numbers) finiteness."""
+    """The field's value, checked for presence and type; numbers (and lists) must be finite."""
     if not isinstance(record, dict) or field not in record:
         raise CocoFormatError(f"{path}: {what} has no '{field}' field; add it.")
     value = record[field]
     if not isinstance(value, types_) or isinstance(value, bool) and bool not in types_:
         raise CocoFormatError(f"{path}: {what} has {field}={value!r}; expected {types_}.")
-    _check_finite(value, path, f"{what} field '{field}'")
+    if not isinstance(value, str):
+        _check_finite(value, path, f"{what} field '{field}'")
     return value
 
 
 def _check_finite(value: Any, path: str, what: str) -> None:
-    """Raises for NaN/inf anywhere in a (nested list of) number(s)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise CocoFormatError(f"{path}: {what} contains {value}; replace it with a finite number.")
-    if isinstance(value, list):
-        flat = np.asarray(_flatten(value), dtype=np.float64) if value else np.zeros(0)
-        if not np.all(np.isfinite(flat)):
-            raise CocoFormatError(
-                f"{path}: {what} contains NaN/inf; replace it with finite numbers."
-            )
+    """Raises unless `value` is a finite number or a (nested) list of finite numbers."""
+    numbers = _flatten(value) if isinstance(value, list) else [value]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+        raise CocoFormatError(f"{path}: {what} holds {str(value)[:80]}; expected numbers.")
+    if not all(math.isfinite(v) for v in numbers):
+        raise CocoFormatError(f"{path}: {what} contains NaN/inf; replace it with finite numbers.")
 
 
 def _flatten(value: list) -> list:
@@ -211,9 +210,10 @@ def _merge_categories(categories: dict[int, dict], coco: COCO, path: str) -> Non
     for record in coco.dataset.get("categories", []):
         what = f"category id {record['id']}"
         category = {"id": record["id"], "name": _require(record, "name", path, what, (str,))}
-        if "keypoints" in record and len(record["keypoints"]) not in (0, NUM_KEYPOINTS):
+        keypoint_names = record.get("keypoints", [])
+        if not isinstance(keypoint_names, list) or len(keypoint_names) not in (0, NUM_KEYPOINTS):
             raise CocoFormatError(
-                f"{path}: {what} has {len(record['keypoints'])} keypoints; navit_seq stores "
+                f"{path}: {what} has keypoints={str(keypoint_names)[:80]}; navit_seq stores "
                 f"COCO's {NUM_KEYPOINTS} person keypoints. Remove 'keypoints' or convert them."
             )
         previous = categories.setdefault(record["id"], category)
@@ -239,9 +239,8 @@ def _clean_annotation(
     annotation_id = annotation["id"]
     what = f"annotation id {annotation_id} (image id {image['id']})"
     bbox = _require(annotation, "bbox", path, what, (list,))
-    if len(bbox) != 4 or not all(isinstance(v, int | float) for v in bbox):
+    if len(bbox) != 4:
         raise CocoFormatError(f"{path}: {what} has bbox={bbox}; expected [x, y, width, height].")
-    _check_finite(bbox, path, f"{what} bbox")
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
         report.count("skipped", "degenerate_box", annotation_id)
@@ -261,9 +260,7 @@ def _clean_annotation(
         rle = _check_rle(segmentation, image, path, what)
     elif isinstance(segmentation, list):
         for polygon in segmentation:
-            if not isinstance(polygon, list) or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) for v in polygon
-            ):
+            if not isinstance(polygon, list) or any(isinstance(v, list) for v in polygon):
                 raise CocoFormatError(
                     f"{path}: {what} has a polygon {str(polygon)[:80]}; expected a flat list "
                     "[x0, y0, x1, y1, ...] of numbers."
@@ -321,12 +318,37 @@ def _check_rle(segmentation: dict, image: dict, path: str, what: str) -> dict:
             f"{path}: {what} has RLE counts that are neither a list of non-negative ints nor a "
             "compressed string."
         )
-    if isinstance(counts, list) and sum(counts) != image["height"] * image["width"]:
+    runs = counts if isinstance(counts, list) else _compressed_rle_runs(counts)
+    if min(runs, default=0) < 0 or sum(runs) != image["height"] * image["width"]:
         raise CocoFormatError(
-            f"{path}: {what} has RLE counts summing to {sum(counts)}, not height * width = "
-            f"{image['height'] * image['width']}; re-encode the mask."
+            f"{path}: {what} has RLE runs summing to {sum(runs)} (or negative), not height * "
+            f"width = {image['height'] * image['width']}; re-encode the mask."
         )
     return segmentation
+
+
+def _compressed_rle_runs(counts: str) -> list[int]:
+    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString, in Python).
+
+    Hand-written because pycocotools trusts the string when decoding and writes past its buffer
+    if the runs do not sum to height * width; this lets that be checked first.
+    """
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                return [-1]  # truncated string: reported as invalid by the caller
+            chunk = ord(counts[position]) - 48
+            value |= (chunk & 0x1F) << shift
+            more = bool(chunk & 0x20)
+            position += 1
+            shift += 5
+            if not more and chunk & 0x10:
+                value |= -1 << shift  # sign-extend
+        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
+    return runs
 
 
 def _check_keypoints(annotation: dict, path: str) -> list[float]:
@@ -337,15 +359,15 @@ def _check_keypoints(annotation: dict, path: str) -> list[float]:
             f"{path}: {what} has {len(keypoints)} keypoint numbers; expected "
             f"{3 * NUM_KEYPOINTS} (x, y, v for COCO's {NUM_KEYPOINTS} keypoints)."
         )
-    _check_finite(keypoints, path, f"{what} keypoints")
     if any(v not in (0, 1, 2) for v in keypoints[2::3]):
         raise CocoFormatError(f"{path}: {what} has keypoint visibilities outside {{0, 1, 2}}.")
     return keypoints
 
 
 def _check_references(
-    annotation: dict, images: Mapping[int, dict], categories: Mapping[int, dict], path: str
+    annotation: dict, images: Mapping[int, dict], categories: Mapping[int, dict] | None, path: str
 ) -> None:
+    """The annotation's image (and, unless `categories` is None, category) must be listed."""
     what = f"annotation id {annotation['id']}"
     image_id = _require(annotation, "image_id", path, what, (int,))
     if image_id not in images:
@@ -402,9 +424,8 @@ def load_split(coco_dir: str, split: str) -> SplitPlan:
         path = os.path.join(coco_dir, "annotations", f"{kind}_{split}.json")
         for annotation in cocos[kind].dataset.get("annotations", []):
             _check_references(annotation, images, categories, path)
-            keypoints = _check_keypoints(annotation, path) if "keypoints" in annotation else None
-            if kind == "person_keypoints" and keypoints is None:
-                keypoints = _check_keypoints(annotation, path)  # raises: the field is required
+            has_keypoints = kind == "person_keypoints" or "keypoints" in annotation
+            keypoints = _check_keypoints(annotation, path) if has_keypoints else None
             instance = instance_records.get(annotation["id"])
             if instance is not None:  # a person of the instances file: add its keypoints
                 _check_same_object(instance, annotation, path)
@@ -458,9 +479,9 @@ def read_image_file(path: str, image: Mapping[str, Any]) -> tuple[bytes, bool]:
 
     Decodes fully to catch corrupt files and checks the size against the JSON record.
     """
-    with open(path, "rb") as f:
-        data = f.read()
     try:
+        with open(path, "rb") as f:
+            data = f.read()
         with Image.open(io.BytesIO(data)) as pil_image:
             pil_image.load()
             mode, image_format, size = pil_image.mode, pil_image.format, pil_image.size
@@ -587,7 +608,7 @@ class CocoFormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         **kwargs: Any,
     ):
         self._coco_dir = coco_dir
-        self._plans = dict(plans)
+        self.plans = dict(plans)
         self._categories = sorted(categories, key=lambda c: c["id"])
         self._label_of = {c["id"]: index for index, c in enumerate(self._categories)}
         self._name_of = {c["id"]: c["name"] for c in self._categories}
@@ -606,7 +627,7 @@ class CocoFormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
         del dl_manager  # the data is local
-        return {split: self._generate_examples(plan) for split, plan in self._plans.items()}
+        return {split: self._generate_examples(plan) for split, plan in self.plans.items()}
 
     def _generate_examples(self, plan: SplitPlan) -> Iterator[tuple[int, dict[str, Any]]]:
         for image_id in sorted(plan.images):
@@ -623,6 +644,12 @@ def coco_format_builder(
             "(letters, digits, underscores, starting with a letter)."
         )
     available = discover_splits(coco_dir)
+    badly_named = [split for split in splits or available if not re.fullmatch(r"\w+", split)]
+    if badly_named:
+        raise CocoFormatError(
+            f"split names {badly_named} (from {coco_dir}/annotations/*_<split>.json) are not valid "
+            "TFDS split names; rename the files so that <split> has only letters, digits and _."
+        )
     splits = list(splits) if splits else available
     unknown = sorted(set(splits) - set(available))
     if unknown:
@@ -687,7 +714,7 @@ def build(
         "dataset_dir": str(builder.data_dir),
         "already_built": False,
         "class_names": builder.info.features["objects"]["label"].names,
-        "splits": {split: plan.report.as_dict() for split, plan in builder._plans.items()},
+        "splits": {split: plan.report.as_dict() for split, plan in builder.plans.items()},
     }
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
