@@ -1,0 +1,108 @@
+"""Command-line config loading shared by main / evaluate / export.
+
+`--config configs/<recipe>.py:<arg>` calls the file's `get_config(arg)`; `--config.a.b=value`
+overrides a field with ml_collections' type checks (a wrong type names the flag). The config is
+locked, so an unknown key is an error; we re-raise that as one line naming the full key.
+"""
+
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+REQUIRED_FIELDS = (
+    "seed",
+    "num_train_steps",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "mesh",
+    "model",
+    "data",
+    "optimizer",
+)
+
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Recipe: configs/<recipe>.py[:arg]; override fields with --config.a.b=v.",
+    lock_config=True,
+)  # fmt: skip
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`path.py[:arg]` -> `get_config(arg)` (without flag overrides)."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config {spec}: no file {path!r}; recipes live in configs/.")
+    module_spec = importlib.util.spec_from_file_location("recipe", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str]) -> str | None:
+    """The first `--config.a.b=v` whose key `a.b` is not in `config`, with the valid keys."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config.") :].split("=", 1)[0]
+        node = config
+        for depth, part in enumerate(key.split(".")):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                parent = ".".join(key.split(".")[:depth]) or "config"
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                return f"unknown config key {key!r} ({part!r} is not in {parent}; it has {known})"
+            node = node[part]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with an unknown config key reported as one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"FATAL Flags parsing error: {error}\nPass --help to see the flags.")
+    except (AttributeError, KeyError) as error:
+        spec = next(
+            (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"),
+            next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None),
+        )
+        reason = unknown_override(load_config_file(spec), argv) if spec else None
+        sys.exit(f"FATAL config error: {reason or error}. Fix or remove the override.")
+
+
+def validated_config() -> ml_collections.ConfigDict:
+    """The parsed --config, checked for the fields every training recipe must have."""
+    config = CONFIG.value
+    if config is None:
+        sys.exit("FATAL: --config is required, e.g. --config configs/quickstart.py")
+    missing = [field for field in REQUIRED_FIELDS if field not in config]
+    if missing:
+        sys.exit(f"FATAL config error: the recipe lacks required fields {missing}.")
+    if config.get("runnable_here") is False:
+        sys.exit(
+            "FATAL: this is a paper-scale TPU/GPU pod recipe (config.runnable_here=False), not "
+            "runnable on this machine. On a pod, pass --config.runnable_here=True."
+        )
+    return config
+
+
+def required_workdir() -> Path:
+    if not WORKDIR.value:
+        sys.exit("FATAL: --workdir is required (where checkpoints and metrics live).")
+    return Path(WORKDIR.value)
+
+
+def save_config(config: ml_collections.ConfigDict, path: Path) -> None:
+    """The resolved config as JSON (what export ships; what a reader checks a run against)."""
+    path.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2) + "\n")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`app.run` with the config-aware flag parser."""
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,44 @@
+"""Evaluate a workdir's checkpoint: `python -m navit_seq.evaluate --config ... --workdir DIR`.
+
+Restores the latest (or `--step`) checkpoint onto this machine's mesh, runs the recipe's eval
+split and writes DIR/eval_results.json: `{"step": N, "split": ..., "metrics": {...}}`.
+"""
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+from navit_seq import config_utils, sharding  # noqa: E402
+from navit_seq.main import objective_for  # noqa: E402
+from navit_seq.train import checkpoint as checkpoint_lib  # noqa: E402
+from navit_seq.train import loop  # noqa: E402
+
+STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"Unexpected arguments {argv[1:]}; see --help.")
+    config = config_utils.validated_config()
+    workdir = config_utils.required_workdir()
+    sharding.maybe_initialize_distributed(config)
+    objective = objective_for(config)
+    trainer = loop.Trainer(config, objective)
+    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", every_steps=0)
+    step, state = checkpointer.restore_state(STEP.value, trainer.abstract_state)
+    metrics = trainer.evaluate(state, objective.eval_iterator())
+    checkpointer.close()
+    results = {"step": step, "split": config.data.get("eval_split", "eval"), "metrics": metrics}
+    if jax.process_index() == 0:
+        path = workdir / "eval_results.json"
+        path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        print(json.dumps(results, sort_keys=True))
+        print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    config_utils.run(main)

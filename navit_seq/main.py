@@ -1,0 +1,44 @@
+"""Train a recipe: `python -m navit_seq.main --config configs/<recipe>.py[:arg] --workdir DIR`.
+
+Resumes automatically from DIR's latest checkpoint; evaluates every `eval_every_steps`; writes
+DIR/metrics.jsonl, TensorBoard events and DIR/checkpoints. SIGTERM saves and exits cleanly.
+The trainer is `navit_seq.train.<config.trainer>` (or a full module path): one per objective.
+"""
+
+import importlib
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+
+from navit_seq import config_utils, sharding  # noqa: E402
+from navit_seq.train import loop  # noqa: E402
+
+
+def objective_for(config: ml_collections.ConfigDict) -> loop.Objective:
+    """The recipe's objective from its trainer module (`objective(config)`)."""
+    name = config.trainer
+    module = importlib.import_module(name if "." in name else f"navit_seq.train.{name}")
+    return module.objective(config)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"Unexpected arguments {argv[1:]}; see --help.")
+    config = config_utils.validated_config()
+    workdir = config_utils.required_workdir()
+    sharding.maybe_initialize_distributed(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        config_utils.save_config(config, workdir / "config.json")
+    print(f"navit_seq.main: {jax.device_count()} devices ({jax.process_count()} processes); "
+          f"workdir {workdir.resolve()}", flush=True)  # fmt: skip
+    final = loop.train_and_evaluate(config, workdir, objective_for(config))
+    print(f"Done. Last train metrics: {final}", flush=True)
+    print(f"Wrote {workdir / 'metrics.jsonl'}, TensorBoard events and {workdir / 'checkpoints'}.")
+
+
+if __name__ == "__main__":
+    config_utils.run(main)
