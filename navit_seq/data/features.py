@@ -10,6 +10,7 @@ Conventions (the whole codebase relies on them):
   `polygon_points` [P, 2] (y, x) holds every polygon's vertices back to back, `polygon_sizes`
   [Q] the vertex count of each polygon, ordered by object, and `objects/num_polygons` how many
   of those polygons belong to each object (0 for crowd objects, which have RLE only).
+  An object without any mask (detection-only data) has `mask_rle` b"" and no polygons.
 - Keypoints are [17, 3] per object: (y, x, visibility) in COCO order with COCO flags
   (0 = not labelled, 1 = labelled but occluded, 2 = visible); all zeros for objects without
   keypoints. Keypoints outside the image keep their coordinates outside [0, 1] only if
