@@ -4,8 +4,9 @@ The plain forms build the full [N, N] logits from the global embeddings; they ar
 reference. The chunked forms run under `jax.shard_map` over the data axis: each device keeps
 its own image embeddings while the text embeddings travel around a ring of devices
 (`lax.ppermute`), so no device ever holds more than one [N/devices, N/devices] block of logits.
-Each ring step is rematerialised (`jax.checkpoint`), so the backward pass recomputes a block
-instead of keeping every step's block alive.
+The backward pass is rematerialised: it runs the ring again and recomputes each block from the
+saved per-device logsumexp statistics, so per-device memory is O(n^2 + n D) (n = N / devices)
+for loss and gradients together, independent of the number of devices.
 
 Conventions shared by every form:
 - `logits[i, j] = <img_i, txt_j> / temperature` (CLIP's learned logit scale exp(t) is
@@ -20,6 +21,7 @@ Conventions shared by every form:
 - No valid example at all gives loss 0 with zero gradients, never NaN.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -150,65 +152,161 @@ def sigmoid_contrastive_loss(
 # Chunked forms: per device, one [n, n] block per ring step (n = N / devices).
 
 
-def _pass_to_next(tree, axis_name: AxisName, num_devices: int):
-    """Send every leaf from ring position i to position i + 1."""
-    ring = [(i, (i + 1) % num_devices) for i in range(num_devices)]
-    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, ring), tree)
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """The devices of `axis_name` in a ring: position i sends to position i + 1."""
 
+    axis_name: AxisName
+    num_devices: int
 
-def _ring_softmax(img_emb, txt_emb, valid, temperature, *, axis_name, num_devices):
-    """Per device: image->text statistics stay home with the images; text->image statistics
-    travel with their text chunk and return home after the last step."""
-    img, txt = _zero_padding(img_emb, valid), _zero_padding(txt_emb, valid)  # [n, D]
+    def pass_to_next(self, tree):
+        pairs = [(i, (i + 1) % self.num_devices) for i in range(self.num_devices)]
+        return jax.tree.map(lambda x: jax.lax.ppermute(x, self.axis_name, pairs), tree)
 
-    @jax.checkpoint
-    def block_stats(txt_chunk, txt_valid):
-        logits = _pair_logits(img, txt_chunk, temperature)  # [n, n]
-        pair_valid = valid[:, None] & txt_valid[None, :]  # [n, n]
-        return _block_stats(logits, pair_valid, axis=1), _block_stats(logits, pair_valid, axis=0)
+    def visit_all_chunks(self, block_fn, home_acc, chunk, chunk_acc):
+        """Apply `block_fn(home_acc, chunk, chunk_acc, is_own_chunk) -> (home_acc, chunk_acc)`
+        to the device's own chunk, then to every other device's chunk as it comes round the
+        ring. `chunk_acc` travels with its chunk and is back on the chunk's home device at the
+        end. Only one block is alive at a time: nothing per step is kept for a backward pass."""
+        home_acc, chunk_acc = block_fn(home_acc, chunk, chunk_acc, True)
 
-    def ring_step(carry, _):
-        txt_chunk, txt_valid, row_stats, col_stats = carry
-        txt_chunk, txt_valid, col_stats = _pass_to_next(
-            (txt_chunk, txt_valid, col_stats), axis_name, num_devices
+        def ring_step(carry, _):
+            home_acc, chunk, chunk_acc = carry
+            chunk, chunk_acc = self.pass_to_next((chunk, chunk_acc))
+            home_acc, chunk_acc = block_fn(home_acc, chunk, chunk_acc, False)
+            return (home_acc, chunk, chunk_acc), None
+
+        (home_acc, _, chunk_acc), _ = jax.lax.scan(
+            ring_step, (home_acc, chunk, chunk_acc), length=self.num_devices - 1
         )
-        block_rows, block_cols = block_stats(txt_chunk, txt_valid)
-        row_stats = _merge_stats(row_stats, block_rows)
-        col_stats = _merge_stats(col_stats, block_cols)
-        return (txt_chunk, txt_valid, row_stats, col_stats), None
+        # Device k now holds the accumulators of chunk k + 1: one more hop brings them home.
+        return home_acc, self.pass_to_next(chunk_acc)
 
-    row_stats, col_stats = block_stats(txt, valid)  # own chunk first
-    (_, _, row_stats, col_stats), _ = jax.lax.scan(
-        ring_step, (txt, valid, row_stats, col_stats), length=num_devices - 1
+
+# The ring functions below have hand-written VJPs that run the ring a second time and
+# recompute each block (flash-attention style). Autodiff through the scan, even with
+# `jax.checkpoint` around each block, keeps every visiting text chunk as a residual: O(N x D)
+# per device, which outgrows the O(n^2) blocks when there are many devices.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ring_logsumexp(img, txt, valid, temperature, ring: _Ring):
+    """Per device: logsumexp over all valid texts for each local image (rows, [n]) and over
+    all valid images for each local text (columns, [n]), from padding-zeroed embeddings."""
+    return _ring_logsumexp_fwd(img, txt, valid, temperature, ring)[0]
+
+
+def _ring_logsumexp_fwd(img, txt, valid, temperature, ring: _Ring):
+    def block(row_stats, chunk, col_stats, is_own_chunk):
+        txt_chunk, chunk_valid = chunk
+        logits = _pair_logits(img, txt_chunk, temperature)  # [n, n]
+        pair_valid = valid[:, None] & chunk_valid[None, :]  # [n, n]
+        row_stats = _merge_stats(row_stats, _block_stats(logits, pair_valid, axis=1))
+        col_stats = _merge_stats(col_stats, _block_stats(logits, pair_valid, axis=0))
+        return row_stats, col_stats
+
+    empty = (jnp.full(valid.shape, -jnp.inf), jnp.zeros(valid.shape))  # no entry yet
+    row_stats, col_stats = ring.visit_all_chunks(block, empty, (txt, valid), empty)
+    row_lse, col_lse = _logsumexp(row_stats), _logsumexp(col_stats)  # [n], [n]
+    return (row_lse, col_lse), (img, txt, valid, temperature, row_lse, col_lse)
+
+
+def _ring_logsumexp_bwd(ring: _Ring, residuals, cotangents):
+    img, txt, valid, temperature, row_lse, col_lse = residuals
+    row_grad, col_grad = cotangents  # [n], [n]
+
+    def block(home_grads, chunk, d_txt_chunk, is_own_chunk):
+        d_img, d_temperature = home_grads
+        txt_chunk, chunk_valid, chunk_col_lse, chunk_col_grad = chunk
+        logits = _pair_logits(img, txt_chunk, temperature)  # [n, n]
+        pair_valid = valid[:, None] & chunk_valid[None, :]  # [n, n]
+        # d lse / d logits is the softmax: exp(logits - lse) along each direction.
+        row_softmax = jnp.exp(jnp.where(pair_valid, logits - row_lse[:, None], -jnp.inf))
+        col_softmax = jnp.exp(jnp.where(pair_valid, logits - chunk_col_lse[None, :], -jnp.inf))
+        d_logits = row_grad[:, None] * row_softmax + chunk_col_grad[None, :] * col_softmax
+        d_img = d_img + d_logits @ txt_chunk / temperature
+        d_txt_chunk = d_txt_chunk + d_logits.T @ img / temperature
+        d_temperature = d_temperature - jnp.sum(d_logits * logits) / temperature
+        return (d_img, d_temperature), d_txt_chunk
+
+    chunk = (txt, valid, col_lse, col_grad)
+    zeros = (jnp.zeros_like(img), jnp.zeros((), jnp.float32))
+    (d_img, d_temperature), d_txt = ring.visit_all_chunks(block, zeros, chunk, jnp.zeros_like(txt))
+    return d_img, d_txt, None, jax.lax.psum(d_temperature, ring.axis_name)
+
+
+_ring_logsumexp.defvjp(_ring_logsumexp_fwd, _ring_logsumexp_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _ring_sigmoid_loss_sum(img, txt, valid, temperature, bias, ring: _Ring):
+    """Per device: sum of the sigmoid loss terms of its images against all texts. The own
+    chunk holds the positives (its diagonal); every visiting chunk is all negatives."""
+    return _ring_sigmoid_loss_sum_fwd(img, txt, valid, temperature, bias, ring)[0]
+
+
+def _sigmoid_block(img, txt_chunk, valid, chunk_valid, temperature, bias, is_own_chunk):
+    """(similarity [n, n], logits [n, n], pair_valid [n, n], positive [n, n] or None)."""
+    similarity = img @ txt_chunk.T  # [n, n]
+    logits = similarity / temperature + bias  # [n, n]
+    pair_valid = valid[:, None] & chunk_valid[None, :]  # [n, n]
+    positive = jnp.eye(img.shape[0], dtype=bool) if is_own_chunk else None
+    return similarity, logits, pair_valid, positive
+
+
+def _ring_sigmoid_loss_sum_fwd(img, txt, valid, temperature, bias, ring: _Ring):
+    def block(loss_sum, chunk, no_chunk_acc, is_own_chunk):
+        txt_chunk, chunk_valid = chunk
+        _, logits, pair_valid, positive = _sigmoid_block(
+            img, txt_chunk, valid, chunk_valid, temperature, bias, is_own_chunk
+        )
+        return loss_sum + _sigmoid_loss_sum(logits, pair_valid, positive), no_chunk_acc
+
+    zero = jnp.zeros((), jnp.float32)
+    loss_sum, _ = ring.visit_all_chunks(block, zero, (txt, valid), ())
+    return loss_sum, (img, txt, valid, temperature, bias)
+
+
+def _ring_sigmoid_loss_sum_bwd(ring: _Ring, residuals, loss_grad):
+    img, txt, valid, temperature, bias = residuals
+
+    def block(home_grads, chunk, d_txt_chunk, is_own_chunk):
+        d_img, d_temperature, d_bias = home_grads
+        txt_chunk, chunk_valid = chunk
+        similarity, logits, pair_valid, positive = _sigmoid_block(
+            img, txt_chunk, valid, chunk_valid, temperature, bias, is_own_chunk
+        )
+        # d softplus(-label * logit) / d logit = sigmoid(logit) - [label is positive].
+        target = 0.0 if positive is None else positive.astype(jnp.float32)
+        d_logits = loss_grad * jnp.where(pair_valid, jax.nn.sigmoid(logits) - target, 0.0)
+        d_img = d_img + d_logits @ txt_chunk / temperature
+        d_txt_chunk = d_txt_chunk + d_logits.T @ img / temperature
+        d_temperature = d_temperature - jnp.sum(d_logits * similarity) / temperature**2
+        return (d_img, d_temperature, d_logits.sum() + d_bias), d_txt_chunk
+
+    zero = jnp.zeros((), jnp.float32)
+    (d_img, d_temperature, d_bias), d_txt = ring.visit_all_chunks(
+        block, (jnp.zeros_like(img), zero, zero), (txt, valid), jnp.zeros_like(txt)
     )
-    # Device k now holds the statistics of chunk k + 1: one more hop brings them home.
-    col_stats = _pass_to_next(col_stats, axis_name, num_devices)
-    positive = jnp.sum(img * txt, axis=-1) / temperature  # [n]
-    per_example = 0.5 * (_logsumexp(row_stats) + _logsumexp(col_stats)) - positive  # [n]
-    return _mean_over_valid(jnp.sum(jnp.where(valid, per_example, 0.0)), valid, axis_name)
+    d_temperature, d_bias = jax.lax.psum((d_temperature, d_bias), ring.axis_name)
+    return d_img, d_txt, None, d_temperature, d_bias
 
 
-def _ring_sigmoid(img_emb, txt_emb, valid, temperature, bias, *, axis_name, num_devices):
-    """Per device: the own chunk holds the positives (diagonal); every visiting chunk is all
-    negatives. The loss is the sum of per-block terms."""
+_ring_sigmoid_loss_sum.defvjp(_ring_sigmoid_loss_sum_fwd, _ring_sigmoid_loss_sum_bwd)
+
+
+def _chunked_softmax(img_emb, txt_emb, valid, temperature, *, ring: _Ring):
     img, txt = _zero_padding(img_emb, valid), _zero_padding(txt_emb, valid)  # [n, D]
+    row_lse, col_lse = _ring_logsumexp(img, txt, valid, temperature, ring)  # [n], [n]
+    positive = jnp.sum(img * txt, axis=-1) / temperature  # [n]
+    per_example = 0.5 * (row_lse + col_lse) - positive  # [n]
+    return _mean_over_valid(jnp.sum(jnp.where(valid, per_example, 0.0)), valid, ring.axis_name)
 
-    @functools.partial(jax.checkpoint, static_argnums=(2,))
-    def block_loss(txt_chunk, txt_valid, is_own_chunk: bool):
-        logits = _pair_logits(img, txt_chunk, temperature) + bias  # [n, n]
-        pair_valid = valid[:, None] & txt_valid[None, :]  # [n, n]
-        positive = jnp.eye(img.shape[0], dtype=bool) if is_own_chunk else None
-        return _sigmoid_loss_sum(logits, pair_valid, positive)
 
-    def ring_step(carry, _):
-        txt_chunk, txt_valid, loss_sum = carry
-        txt_chunk, txt_valid = _pass_to_next((txt_chunk, txt_valid), axis_name, num_devices)
-        loss_sum = loss_sum + block_loss(txt_chunk, txt_valid, False)
-        return (txt_chunk, txt_valid, loss_sum), None
-
-    own = block_loss(txt, valid, True)
-    (_, _, loss_sum), _ = jax.lax.scan(ring_step, (txt, valid, own), length=num_devices - 1)
-    return _mean_over_valid(loss_sum, valid, axis_name)
+def _chunked_sigmoid(img_emb, txt_emb, valid, temperature, bias, *, ring: _Ring):
+    img, txt = _zero_padding(img_emb, valid), _zero_padding(txt_emb, valid)  # [n, D]
+    loss_sum = _ring_sigmoid_loss_sum(img, txt, valid, temperature, bias, ring)
+    return _mean_over_valid(loss_sum, valid, ring.axis_name)
 
 
 def _ring_size(mesh: Mesh, axis_name: AxisName, num_examples: int) -> int:
@@ -242,10 +340,14 @@ def chunked_softmax_contrastive_loss(
     """`softmax_contrastive_loss` computed in [N/devices]^2 blocks on a ppermute ring over
     `axis_name` (the axis, or axes, the batch is sharded over); equal up to float rounding."""
     _check_inputs(img_emb, txt_emb, valid)
-    num_devices = _ring_size(mesh, axis_name, img_emb.shape[0])
-    ring = functools.partial(_ring_softmax, axis_name=axis_name, num_devices=num_devices)
+    ring = _Ring(axis_name, _ring_size(mesh, axis_name, img_emb.shape[0]))
     sharded = P(axis_name)
-    loss = jax.shard_map(ring, mesh=mesh, in_specs=(sharded, sharded, sharded, P()), out_specs=P())
+    loss = jax.shard_map(
+        functools.partial(_chunked_softmax, ring=ring),
+        mesh=mesh,
+        in_specs=(sharded, sharded, sharded, P()),
+        out_specs=P(),
+    )
     return loss(img_emb, txt_emb, valid, jnp.asarray(temperature, jnp.float32))
 
 
@@ -262,11 +364,13 @@ def chunked_sigmoid_contrastive_loss(
     """`sigmoid_contrastive_loss` computed in [N/devices]^2 blocks on a ppermute ring over
     `axis_name` (the axis, or axes, the batch is sharded over); equal up to float rounding."""
     _check_inputs(img_emb, txt_emb, valid)
-    num_devices = _ring_size(mesh, axis_name, img_emb.shape[0])
-    ring = functools.partial(_ring_sigmoid, axis_name=axis_name, num_devices=num_devices)
+    ring = _Ring(axis_name, _ring_size(mesh, axis_name, img_emb.shape[0]))
     sharded = P(axis_name)
     loss = jax.shard_map(
-        ring, mesh=mesh, in_specs=(sharded, sharded, sharded, P(), P()), out_specs=P()
+        functools.partial(_chunked_sigmoid, ring=ring),
+        mesh=mesh,
+        in_specs=(sharded, sharded, sharded, P(), P()),
+        out_specs=P(),
     )
     scalar = functools.partial(jnp.asarray, dtype=jnp.float32)
     return loss(img_emb, txt_emb, valid, scalar(temperature), scalar(bias))
