@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from navit_seq.data.scene_render import CLASS_NAMES, render_scene, scene_rng
 from navit_seq.tasks.segmentation import SegmentationTask, polygons_to_rle
 from navit_seq.tasks.vocab import Vocab
 
@@ -139,6 +140,17 @@ def test_objects_with_more_points_than_max_points_are_subsampled_and_still_match
     assert mask_utils.iou([got], [want], [0])[0, 0] > 0.9
 
 
+def test_simplification_keeps_thin_parts_such_as_limbs():
+    task = SegmentationTask(VOCAB, seq_len=300, max_points=24)
+    blob = smooth_polygon((100, 100), 40, 300)  # dense outline, counter-clockwise from +x
+    arm = np.array([[99, 140], [99.5, 180], [100.5, 180], [101, 140]])  # 2 px wide, 40 long
+    outline = np.concatenate([blob[:1], arm, blob[1:]]) / 200
+    rows, _ = task.encode(make_example([[outline]], [1], (200, 200)), training=False)
+    decoded, _ = task.decode(responses(rows)[0])
+    assert len(decoded[0]) == 24
+    assert np.abs(decoded[0] * 200 - [100, 180]).sum(axis=1).min() < 1.5  # the arm's tip
+
+
 def test_when_three_points_each_do_not_fit_the_largest_polygons_are_kept():
     task = SegmentationTask(VOCAB, seq_len=PROMPT + 20, max_points=128)  # <= 3 triangles
     radii = [5, 40, 10, 30, 20]
@@ -203,3 +215,26 @@ def test_decode_drops_malformed_tokens_and_short_polygons(task):
     assert len(polygons) == 1 and len(polygons[0]) == 3
     # the class token, then the unpaired 1500, then the odd 1300 of the short polygon.
     assert stats == {"polygons": 1, "malformed_tokens": 3, "polygons_too_few_points": 1}
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """Scenes of the package's own dataset, at its resolutions (48..640 px, any aspect)."""
+    return [render_scene(scene_rng(0, "test", i), image_id=i).example for i in range(16)]
+
+
+def test_round_trip_on_rendered_scenes_rasterises_every_instance_with_iou_above_0_9(scenes):
+    task = SegmentationTask(Vocab(num_classes=len(CLASS_NAMES)), seq_len=300, max_points=128)
+    ious, simplified = [], 0
+    for example in scenes:
+        height, width = example["image"].shape[:2]
+        rows, stats = task.encode(example, training=False)
+        simplified += stats["instances_simplified"]
+        polygons = np.split(example["polygon_points"], np.cumsum(example["polygon_sizes"])[:-1])
+        first = np.concatenate([[0], np.cumsum(example["objects"]["num_polygons"])])
+        for row, index in enumerate(rows["instance_index"]):
+            decoded, _ = task.decode(responses(rows)[row])
+            truth = reference_rle(polygons[first[index] : first[index + 1]], height, width)
+            ious.append(mask_utils.iou([polygons_to_rle(decoded, height, width)], [truth], [0]))
+    assert len(ious) > 50 and simplified > 5  # the point budget was exercised
+    assert min(ious) > 0.9
