@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from navit_seq.data.scene_render import CLASS_NAMES, render_scene, scene_rng
 from navit_seq.tasks.detection import DetectionTask
 from navit_seq.tasks.vocab import Vocab
 
@@ -180,3 +181,14 @@ def test_training_without_a_generator_is_refused(task):
 def test_a_row_too_short_for_one_object_is_refused():
     with pytest.raises(ValueError, match="need seq_len >= 6"):
         DetectionTask(VOCAB, seq_len=5)
+
+
+def test_round_trip_on_rendered_scenes_recovers_every_box_within_half_a_bin():
+    """Boxes of the package's own scene dataset, at its resolutions."""
+    task = DetectionTask(Vocab(num_classes=len(CLASS_NAMES)), seq_len=64, max_objects=12)
+    for i in range(20):
+        example = render_scene(scene_rng(2, "test", i), image_id=i).example
+        rows, stats = task.encode(example, training=False)
+        decoded, _ = task.decode(response(rows))
+        np.testing.assert_array_equal(decoded["label"], example["objects"]["label"])
+        assert np.abs(decoded["bbox"] - example["objects"]["bbox"]).max() <= HALF_BIN + 1e-6

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from navit_seq.data.scene_render import CLASS_NAMES, render_scene, scene_rng
 from navit_seq.tasks.keypoints import KeypointTask, crop_image
 from navit_seq.tasks.vocab import Vocab
 
@@ -165,3 +166,23 @@ def test_too_short_rows_and_crops_smaller_than_the_box_are_refused():
         KeypointTask(VOCAB, seq_len=30)
     with pytest.raises(ValueError, match="crop_scale=0.5"):
         KeypointTask(VOCAB, seq_len=SEQ_LEN, crop_scale=0.5)
+
+
+def test_round_trip_on_rendered_scenes_recovers_every_point_inside_its_crop():
+    """Persons of the package's own scene dataset, at its resolutions."""
+    scenes = [render_scene(scene_rng(1, "test", i), image_id=i).example for i in range(20)]
+    task = KeypointTask(Vocab(num_classes=len(CLASS_NAMES)), seq_len=SEQ_LEN)
+    checked = 0
+    for example in scenes:
+        rows, _ = task.encode(example, training=False)
+        for row, index in enumerate(rows["instance_index"]):
+            crop = rows["crop_box"][row]
+            decoded, _ = task.decode(responses(rows)[row], crop)
+            truth = example["objects"]["keypoints"][index]
+            inside = ((truth[:, :2] >= crop[:2]) & (truth[:, :2] <= crop[2:])).all(axis=1)
+            check = (truth[:, 2] > 0) & inside
+            np.testing.assert_array_equal(decoded[:, 2] > 0, truth[:, 2] > 0)
+            error = np.abs(decoded[check, :2] - truth[check, :2])
+            assert (error <= HALF_BIN * (crop[2:] - crop[:2]) + 1e-6).all()
+            checked += int(check.sum())
+    assert checked > 100
