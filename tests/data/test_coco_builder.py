@@ -73,7 +73,8 @@ def write_coco_folder(root: str) -> str:
     Covers: JPEG, greyscale JPEG, PNG and RGBA PNG images; polygons (one object with two);
     crowd masks as uncompressed and compressed RLE; keypoints merged by annotation id; an image
     without annotations; an image listed only in the captions file; a degenerate polygon, a
-    box partly and a box wholly outside the image, an annotation with no segmentation.
+    box partly and a box wholly outside the image, a zero-width box, an annotation with no
+    segmentation.
     """
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(root, "annotations"))
@@ -124,6 +125,8 @@ def write_coco_folder(root: str) -> str:
         _polygon_annotation(106, 2, DOG, [[1, 1, 5, 5, 9, 9]], bbox=[1, 1, 8, 8]),
         # Wholly outside the image: skipped.
         _polygon_annotation(107, 2, DOG, [[50, 50, 60, 50, 60, 60]]),
+        # Zero-width box: skipped.
+        _polygon_annotation(109, 2, DOG, [[2, 2, 8, 2, 8, 8]], bbox=[2, 2, 0, 6]),
         {  # no segmentation (detection-only data): kept without a mask
             "id": 108,
             "image_id": 7,
@@ -213,11 +216,7 @@ def _records(data_dir: str, split: str) -> dict[int, dict]:
     return {int(r["image_id"]): r for r in (source[i] for i in range(len(source)))}
 
 
-def _kept_annotations(coco_api: COCO, skipped_ids: set[int]) -> list[dict]:
-    return [a for a in coco_api.dataset["annotations"] if a["id"] not in skipped_ids]
-
-
-SKIPPED_IDS = {106, 107}  # see write_coco_folder
+SKIPPED_IDS = {106, 107, 109}  # see write_coco_folder
 
 
 def test_report_counts_images_annotations_skips_and_adjustments(built):
@@ -226,6 +225,7 @@ def test_report_counts_images_annotations_skips_and_adjustments(built):
     assert (train["images"], train["annotations"], train["captions"]) == (5, 7, 4)
     assert train["skipped"] == {
         "box_outside_image": 1,
+        "degenerate_box": 1,
         "degenerate_polygon": 2,
         "empty_caption": 1,
         "no_valid_polygon": 1,
@@ -250,70 +250,60 @@ def test_every_image_of_every_file_is_an_example_with_its_pixels(built, coco_dir
     assert len(records[9]["objects"]["id"]) == 0  # listed only in the captions file
 
 
-def test_objects_round_trip_against_pycocotools(built, coco_dir):
+def _expected_objects(coco_dir: str, split: str) -> tuple[COCO, dict[int, dict]]:
+    """pycocotools' view of the split and its annotations as the builder should keep them."""
+    instances = _pycocotools(os.path.join(coco_dir, "annotations", f"instances_{split}.json"))
+    expected = {a["id"]: a for a in instances.dataset["annotations"] if a["id"] not in SKIPPED_IDS}
+    if split == "train":
+        kept = expected[105]["segmentation"][:1]  # its second polygon is degenerate
+        expected[105] = {**expected[105], "segmentation": kept}
+        keypoint_file = os.path.join(coco_dir, "annotations", "person_keypoints_train.json")
+        expected[110] = _pycocotools(keypoint_file).anns[110]  # only in the keypoints file
+        instances.anns[110] = expected[110]  # so that annToMask can rasterize it
+    return instances, expected
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_objects_round_trip_against_pycocotools(built, coco_dir, split):
     _, data_dir = built
-    for split in ("train", "val"):
-        instances = _pycocotools(os.path.join(coco_dir, "annotations", f"instances_{split}.json"))
-        records = _records(data_dir, split)
-        expected = {
-            a["id"]: a for a in _kept_annotations(instances, SKIPPED_IDS) if split == "train"
-        } or {a["id"]: a for a in instances.dataset["annotations"]}
-        if split == "train":
-            keypoint_file = os.path.join(coco_dir, "annotations", "person_keypoints_train.json")
-            keypoint_only = _pycocotools(keypoint_file).anns[110]
-            expected[110] = keypoint_only
-            instances.anns[110] = keypoint_only  # so annToMask can rasterize it
-        seen = set()
-        for image_id, record in records.items():
-            height, width = record["image"].shape[:2]
-            objects = record["objects"]
-            polygon_start = 0
-            polygons_per_object = np.split(
-                record["polygon_sizes"], np.cumsum(objects["num_polygons"])[:-1]
+    instances, expected = _expected_objects(coco_dir, split)
+    seen = set()
+    for image_id, record in _records(data_dir, split).items():
+        height, width = record["image"].shape[:2]
+        objects = record["objects"]
+        polygon_sizes = np.split(record["polygon_sizes"], np.cumsum(objects["num_polygons"]))
+        polygon_start = 0
+        for index, annotation_id in enumerate(objects["id"]):
+            annotation = expected[int(annotation_id)]
+            seen.add(int(annotation_id))
+            assert annotation["image_id"] == image_id
+            assert objects["category_id"][index] == annotation["category_id"]
+            assert objects["label"][index] == [PERSON, DOG, BOTTLE].index(annotation["category_id"])
+            assert objects["is_crowd"][index] == bool(annotation["iscrowd"])
+            assert objects["area"][index] == pytest.approx(annotation["area"])
+            x, y, w, h = annotation["bbox"]
+            clipped = [max(y, 0), max(x, 0), min(y + h, height), min(x + w, width)]
+            np.testing.assert_allclose(
+                objects["bbox"][index] * [height, width, height, width], clipped, atol=1e-4
             )
-            for index, annotation_id in enumerate(objects["id"]):
-                annotation = expected[int(annotation_id)]
-                seen.add(int(annotation_id))
-                assert annotation["image_id"] == image_id
-                assert objects["category_id"][index] == annotation["category_id"]
-                label = [PERSON, DOG, BOTTLE].index(annotation["category_id"])
-                assert objects["label"][index] == label
-                assert objects["is_crowd"][index] == bool(annotation["iscrowd"])
-                x, y, w, h = annotation["bbox"]
-                clipped = [max(y, 0), max(x, 0), min(y + h, height), min(x + w, width)]
-                np.testing.assert_allclose(
-                    objects["bbox"][index] * [height, width, height, width], clipped, atol=1e-4
-                )
-                rle = objects["mask_rle"][index]
-                if "segmentation" in annotation and annotation["id"] != 105:
-                    decoded = mask_utils.decode({"size": [height, width], "counts": rle})
-                    np.testing.assert_array_equal(decoded, instances.annToMask(annotation))
-                    assert objects["area"][index] == pytest.approx(annotation["area"])
-                elif annotation["id"] == 105:  # the degenerate second polygon was dropped
-                    kept = {**annotation, "segmentation": annotation["segmentation"][:1]}
-                    decoded = mask_utils.decode({"size": [height, width], "counts": rle})
-                    np.testing.assert_array_equal(decoded, instances.annToMask(kept))
-                else:
-                    assert rle == b""
-                # Polygons: (y, x) normalized, back to back.
-                source_polygons = (
-                    annotation["segmentation"]
-                    if isinstance(annotation.get("segmentation"), list)
-                    else []
-                )
-                if annotation["id"] == 105:
-                    source_polygons = source_polygons[:1]
-                sizes = polygons_per_object[index] if objects["num_polygons"][index] else []
-                assert len(sizes) == len(source_polygons)
-                for size, polygon in zip(sizes, source_polygons, strict=True):
-                    points = record["polygon_points"][polygon_start : polygon_start + size]
-                    xy = np.asarray(polygon).reshape(-1, 2)
-                    np.testing.assert_allclose(
-                        points * [height, width], xy[:, ::-1], rtol=1e-6, atol=1e-4
-                    )
-                    polygon_start += size
-            assert polygon_start == len(record["polygon_points"])
-        assert seen == set(expected)
+            rle = objects["mask_rle"][index]
+            if "segmentation" in annotation:  # the same pixels as pycocotools rasterizes
+                decoded = mask_utils.decode({"size": [height, width], "counts": rle})
+                np.testing.assert_array_equal(decoded, instances.annToMask(annotation))
+            else:
+                assert rle == b""
+            # Polygons: (y, x) normalized, back to back, in object order.
+            segmentation = annotation.get("segmentation")
+            source_polygons = segmentation if isinstance(segmentation, list) else []
+            sizes = polygon_sizes[index]
+            assert len(sizes) == len(source_polygons) == objects["num_polygons"][index]
+            for size, polygon in zip(sizes, source_polygons, strict=True):
+                points = record["polygon_points"][polygon_start : polygon_start + size]
+                xy = np.asarray(polygon).reshape(-1, 2)
+                np.testing.assert_allclose(points * [height, width], xy[:, ::-1], atol=1e-4)
+                polygon_start += size
+        assert polygon_start == len(record["polygon_points"])
+    assert seen == set(expected)
 
 
 def test_keypoints_are_merged_by_annotation_id_as_yx_normalized(built, coco_dir):
