@@ -135,6 +135,7 @@ class PackIterator(grain.DatasetIterator):
             except StopIteration:
                 self._parent_exhausted = True
                 break
+            self.stats["examples_read"] += 1
             if not place(element):
                 waiting.append(element)
         self._buffer = waiting
@@ -144,6 +145,11 @@ class PackIterator(grain.DatasetIterator):
         self._update_stats(placements, rows_used, rows_examples)
         self._batches_emitted += 1
         return batch
+
+    @property
+    def num_buffered(self) -> int:
+        """Images read from the parent that wait for a later batch."""
+        return len(self._buffer)
 
     def _dropped_tokens(self, element: dict) -> tuple[np.ndarray, np.ndarray]:
         """The element's tokens after dropping at the current step (all of them at eval)."""
@@ -229,6 +235,7 @@ class PackIterator(grain.DatasetIterator):
 def _empty_stats() -> dict[str, int]:
     stats = {
         "batches": 0,
+        "examples_read": 0,  # = examples_packed + num_buffered: nothing is ever dropped
         "examples_packed": 0,
         "tokens_real": 0,  # non-padding tokens emitted
         "tokens_total": 0,  # B * L per batch

@@ -49,6 +49,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     )
 
 
+def get_config() -> ml_collections.ConfigDict:
+    """Lets a command line name this module as its config: `--config navit_seq/data/pipeline.py`."""
+    return default_data_config()
+
+
 def validate_data_config(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     """Raise a ValueError naming the field and the fix for an inconsistent configuration."""
     resolution.validate_resolution_config(config.resolution)

@@ -120,3 +120,17 @@ def test_zero_size_image_raises_naming_the_example():
     dataset = pipeline.make_dataset(source, small_config(shuffle=False), train=True)
     with pytest.raises(ValueError, match="Example 1: image of zero size"):
         next(iter(dataset))
+
+
+def test_inspect_measures_packing_and_draws_rows(tmp_path):
+    from navit_seq.data import inspect
+
+    config = small_config()
+    source = inspect.SyntheticImages([(30, 50), (64, 20), (8, 8), (100, 100)] * 5)
+    summary, first = inspect.measure(source, config, train=True, num_batches=3)
+    assert summary["examples_dropped"] == 0 and summary["batches"] == 4
+    assert 0.0 <= summary["padding_fraction"] < 1.0
+    assert 1 <= summary["images_per_seq_min"] <= summary["images_per_seq_mean"]
+    assert summary["images_per_seq_max"] <= config.max_examples_per_seq
+    inspect.draw_rows(first, config.patch_size, 2, tmp_path / "rows.png")
+    assert (tmp_path / "rows.png").stat().st_size > 0
