@@ -93,7 +93,13 @@ class KeypointTask:
         boxes = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
         labels = np.asarray(objects["label"], np.int64).reshape(-1)
         keypoints = np.asarray(objects["keypoints"], np.float32).reshape(-1, NUM_KEYPOINTS, 3)
-        image_size = tuple(np.asarray(example["image"]).shape[:2])
+        image = np.asarray(example["image"])
+        if image.ndim != 3:
+            raise ValueError(
+                f"KeypointTask: example image has shape {image.shape}; crops need the decoded "
+                "[H, W, C] pixels (decode the image before task encoding)."
+            )
+        image_size = image.shape[:2]
 
         labelled = keypoints[:, :, 2] > 0  # [N, 17]
         known = (labels >= 0) & (labels < self.vocab.num_classes)

@@ -35,8 +35,9 @@ class SegmentationTask:
         "no_instances",  # examples left with no row
         "instances_truncated",  # more objects than max_instances
         "unknown_class",
-        "no_polygon",  # crowd (RLE only) or no polygon with >= 3 points
-        "polygons_too_few_points",  # polygons with < 3 points, dropped
+        "invalid_boxes",  # non-finite box (the prompt needs one)
+        "no_polygon",  # crowd (RLE only) or no usable polygon
+        "polygons_dropped",  # polygons with < 3 points or non-finite coordinates
         "instances_simplified",  # more points than fit: vertices subsampled / polygons dropped
     )
 
@@ -81,8 +82,11 @@ class SegmentationTask:
             if not 0 <= labels[index] < self.vocab.num_classes:
                 stats["unknown_class"] += 1
                 continue
-            usable = [p for p in polygons if len(p) >= MIN_POLYGON_POINTS]
-            stats["polygons_too_few_points"] += len(polygons) - len(usable)
+            if not np.isfinite(boxes[index]).all():
+                stats["invalid_boxes"] += 1
+                continue
+            usable = [p for p in polygons if len(p) >= MIN_POLYGON_POINTS and np.isfinite(p).all()]
+            stats["polygons_dropped"] += len(polygons) - len(usable)
             if not usable:
                 stats["no_polygon"] += 1
                 continue
@@ -162,12 +166,17 @@ def _polygons_per_object(example: dict[str, Any]) -> list[list[np.ndarray]]:
     num_polygons = np.asarray(example["objects"]["num_polygons"], np.int64).reshape(-1)
     sizes = np.asarray(example["polygon_sizes"], np.int64).reshape(-1)
     points = np.asarray(example["polygon_points"], np.float32).reshape(-1, 2)
-    if num_polygons.sum() != len(sizes) or sizes.sum() != len(points):
+    num_objects = len(np.asarray(example["objects"]["label"]).reshape(-1))
+    if (
+        len(num_polygons) != num_objects
+        or num_polygons.sum() != len(sizes)
+        or sizes.sum() != len(points)
+    ):
         raise ValueError(
-            f"example {example.get('image_id')}: objects/num_polygons sums to "
-            f"{num_polygons.sum()} polygons of sizes {sizes.sum()} points, but polygon_sizes "
-            f"has {len(sizes)} entries and polygon_points {len(points)} rows: rebuild the "
-            "dataset with the layout of navit_seq/data/features.py."
+            f"example {example.get('image_id')}: {num_objects} objects, {len(num_polygons)} "
+            f"objects/num_polygons (sum {num_polygons.sum()}), {len(sizes)} polygon_sizes "
+            f"(sum {sizes.sum()}), {len(points)} polygon_points; each sum must equal the next "
+            "count: rebuild the dataset with the layout of navit_seq/data/features.py."
         )
     polygons = np.split(points, np.cumsum(sizes)[:-1]) if len(sizes) else []
     bounds = np.concatenate([[0], np.cumsum(num_polygons)])

@@ -126,7 +126,13 @@ class Vocab:
 
 def quantize(coords: np.ndarray, num_bins: int) -> np.ndarray:
     """q = round(c * (num_bins - 1)), clipped to [0, num_bins - 1] (int64)."""
-    scaled = np.round(np.asarray(coords, dtype=np.float64) * (num_bins - 1))
+    coords = np.asarray(coords, dtype=np.float64)
+    if not np.isfinite(coords).all():
+        raise ValueError(
+            f"quantize: {int((~np.isfinite(coords)).sum())} non-finite coordinates; the task "
+            "must skip (and count) objects with NaN or infinite coordinates first."
+        )
+    scaled = np.round(coords * (num_bins - 1))
     return np.clip(scaled, 0, num_bins - 1).astype(np.int64)
 
 

@@ -161,6 +161,13 @@ def test_decode_marks_invisible_malformed_and_missing_pairs_unseen_at_the_crop_c
     assert stats == {"visible": 1, "invisible": 15, "malformed": 1}  # 14 pairs were missing
 
 
+def test_an_undecoded_image_is_refused_with_the_fix(task):
+    example = random_persons(1, seed=6)
+    example["image"] = np.array(b"jpeg bytes")
+    with pytest.raises(ValueError, match="decode the image before task encoding"):
+        task.encode(example, training=False)
+
+
 def test_too_short_rows_and_crops_smaller_than_the_box_are_refused():
     with pytest.raises(ValueError, match="seq_len=30: need >= 40"):
         KeypointTask(VOCAB, seq_len=30)

@@ -167,7 +167,7 @@ def test_polygons_with_fewer_than_three_points_are_dropped_and_counted(task):
     triangle = np.array([[0.5, 0.5], [0.9, 0.5], [0.9, 0.9]], np.float32)
     example = make_example([[line, triangle], [line]], [1, 2], (100, 100))
     rows, stats = task.encode(example, training=False)
-    assert stats["polygons_too_few_points"] == 2 and stats["no_polygon"] == 1
+    assert stats["polygons_dropped"] == 2 and stats["no_polygon"] == 1
     np.testing.assert_array_equal(rows["instance_index"], [0])
     assert len(task.decode(responses(rows)[0])[0]) == 1
 
@@ -178,6 +178,18 @@ def test_crowd_objects_without_polygons_and_unknown_classes_are_skipped_and_coun
     rows, stats = task.encode(example, training=False)
     assert (stats["no_polygon"], stats["unknown_class"], stats["instances"]) == (1, 1, 1)
     np.testing.assert_array_equal(rows["instance_index"], [2])
+
+
+def test_non_finite_boxes_and_polygons_are_skipped_and_counted(task):
+    triangle = np.array([[0.5, 0.5], [0.9, 0.5], [0.9, 0.9]], np.float32)
+    broken = triangle.copy()
+    broken[1, 0] = np.nan
+    example = make_example([[triangle], [broken, triangle], [triangle]], [1, 2, 3], (100, 100))
+    example["objects"]["bbox"][0, 2] = np.inf
+    example["objects"]["bbox"][1] = [0.5, 0.5, 0.9, 0.9]  # not the NaN of the broken polygon
+    rows, stats = task.encode(example, training=False)
+    assert (stats["invalid_boxes"], stats["polygons_dropped"], stats["instances"]) == (1, 1, 2)
+    np.testing.assert_array_equal(rows["instance_index"], [1, 2])
 
 
 def test_no_objects_give_zero_rows_and_are_counted(task):

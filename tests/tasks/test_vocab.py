@@ -20,6 +20,11 @@ def test_quantize_matches_round_of_scaled_coordinate_and_clips():
     np.testing.assert_array_equal(quantize(coords, 1000), [0, 0, 0, 1, 250, 999, 999])
 
 
+def test_quantize_refuses_non_finite_coordinates():
+    with pytest.raises(ValueError, match="2 non-finite coordinates"):
+        quantize([0.1, np.nan, np.inf], 1000)
+
+
 def test_offsets_follow_reference_layout_when_classes_fit_below_1000():
     vocab = Vocab(num_classes=80, num_bins=1000, text_vocab_size=32000)
     assert (vocab.coord_offset, vocab.text_offset, vocab.size) == (1000, 2000, 34000)
