@@ -1,0 +1,171 @@
+"""The bundled scene dataset: a TFDS builder (ArrayRecord) drawing scenes locally, no download.
+
+Splits: `train`, `validation` (seen colour-shape combinations) and `heldout` (only the
+combinations train never shows, `scene_render.heldout_colour`). Example i of split s is drawn
+from its own RNG seeded by (seed, s, i), so any subset can be regenerated identically and
+worker processes need no coordination. After the splits are written, the builder trains a
+SentencePiece model on the train captions and phrases and stores it, with a build report
+(counts, including objects removed as hidden), in the dataset directory:
+`<data_dir>/scenes/<version>/{sentencepiece.model, build_report.json}`.
+"""
+
+import dataclasses
+import io
+import json
+import multiprocessing
+import os
+from typing import Any
+
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from navit_seq.data import scene_render, text
+from navit_seq.data.features import example_features
+
+REPORT_FILE = "build_report.json"
+SPLITS = ("train", "validation", "heldout")
+# Image ids are unique across splits: split number * IMAGE_ID_STRIDE + index.
+IMAGE_ID_STRIDE = 10_000_000
+# Below this many examples a split is drawn in-process: a worker pool costs more to start.
+MIN_EXAMPLES_FOR_POOL = 256
+JPEG_QUALITY = 95
+
+
+def render_record(task: tuple[int, str, int, scene_render.SceneSpec]) -> tuple[int, dict, int]:
+    """(index, TFDS-ready example with a JPEG-encoded image, hidden objects) of one scene.
+
+    Top-level and TensorFlow-free so that pool workers can run it.
+    """
+    seed, split, index, spec = task
+    image_id = SPLITS.index(split) * IMAGE_ID_STRIDE + index
+    scene = scene_render.render_scene(scene_render.scene_rng(seed, split, index), spec, image_id)
+    example = scene.example
+    jpeg = io.BytesIO()
+    Image.fromarray(example["image"]).save(jpeg, format="JPEG", quality=JPEG_QUALITY)
+    return index, {**example, "image": jpeg.getvalue()}, scene.num_hidden
+
+
+class Scenes(tfds.core.GeneratorBasedBuilder):
+    """Procedural scenes with boxes, masks, polygons, keypoints, captions and phrases."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    # TFDS looks for download checksums next to a builder's code, and on this install that look-up
+    # needs the missing `importlib_resources` package; this builder downloads nothing.
+    code_path = None
+
+    def __init__(
+        self,
+        *,
+        train_size: int = 10_000,
+        validation_size: int = 1_000,
+        heldout_size: int = 1_000,
+        seed: int = 0,
+        min_side: int = 48,
+        max_side: int = 640,
+        vocab_size: int = 512,
+        num_workers: int | None = None,
+        **kwargs: Any,
+    ):
+        """Sizes, seed and side range define the dataset; `num_workers` only the speed."""
+        sizes = {"train": train_size, "validation": validation_size, "heldout": heldout_size}
+        for split, size in sizes.items():
+            if size < 0:
+                raise ValueError(f"Scenes: {split}_size={size} must be >= 0.")
+        if sizes["train"] == 0:
+            raise ValueError("Scenes: train_size=0; the tokenizer is trained on train captions.")
+        self.sizes = sizes
+        self.seed = seed
+        self.spec = scene_render.SceneSpec(min_side=min_side, max_side=max_side)  # validates
+        self.vocab_size = vocab_size
+        self.num_workers = num_workers or min(2, os.cpu_count() or 1)
+        self._train_text: list[str] = []
+        self._hidden_counts: dict[str, int] = {}
+        self._object_counts: dict[str, int] = {}
+        kwargs.setdefault("file_format", "array_record")  # random access for tfds.data_source
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=example_features(scene_render.CLASS_NAMES, image_encoding="jpeg"),
+        )
+
+    def generation_parameters(self) -> dict[str, Any]:
+        """Everything the examples depend on (the build report records it)."""
+        return {
+            "sizes": dict(self.sizes),
+            "seed": self.seed,
+            "min_side": self.spec.min_side,
+            "max_side": self.spec.max_side,
+            "vocab_size": self.vocab_size,
+            "version": str(self.VERSION),
+        }
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # nothing to download
+        return {split: self._generate_examples(split) for split in SPLITS}
+
+    def _generate_examples(self, split: str):
+        combos = "heldout" if split == "heldout" else "seen"
+        spec = dataclasses.replace(self.spec, combos=combos)
+        tasks = [(self.seed, split, index, spec) for index in range(self.sizes[split])]
+        self._hidden_counts[split] = self._object_counts[split] = 0
+        if self.num_workers > 1 and len(tasks) >= MIN_EXAMPLES_FOR_POOL:
+            # spawn: the parent has TensorFlow's threads running, which fork does not copy safely.
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(self.num_workers) as pool:
+                yield from self._keyed(split, pool.imap(render_record, tasks, chunksize=32))
+        else:
+            yield from self._keyed(split, map(render_record, tasks))
+
+    def _keyed(self, split: str, records):
+        for index, example, num_hidden in records:
+            self._hidden_counts[split] += num_hidden
+            self._object_counts[split] += len(example["objects"]["label"])
+            if split == "train":
+                self._train_text += example["captions"] + example["objects"]["phrase"]
+            yield index, example
+
+    def _download_and_prepare(self, dl_manager, download_config=None) -> None:
+        super()._download_and_prepare(dl_manager, download_config)
+        # Every split is written; self.data_dir is still TFDS's temporary directory, which it
+        # renames into place only after this returns, so these files land atomically too.
+        text.train_sentencepiece(
+            self._train_text,
+            os.path.join(self.data_dir, text.SENTENCEPIECE_FILENAME),
+            vocab_size=self.vocab_size,
+        )
+        report = {
+            **self.generation_parameters(),
+            "class_names": list(scene_render.CLASS_NAMES),
+            "heldout_combinations": [
+                f"{scene_render.COLOUR_NAMES[scene_render.heldout_colour(label)]} {name}"
+                for label, name in enumerate(scene_render.CLASS_NAMES)
+            ],
+            "objects": dict(self._object_counts),
+            # Objects drawn but left out of the annotations: visible area under
+            # SceneSpec.min_visible_pixels or min_visible_fraction of the object's drawn area.
+            "objects_removed_as_hidden": dict(self._hidden_counts),
+            "captions_per_image": self.spec.num_captions,
+            "mean_objects_per_image": {
+                split: self._object_counts[split] / max(1, self.sizes[split]) for split in SPLITS
+            },
+        }
+        with open(os.path.join(self.data_dir, REPORT_FILE), "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def read_report(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """The build report stored next to the dataset's files."""
+    with open(os.path.join(os.fspath(dataset_dir), REPORT_FILE)) as f:
+        return json.load(f)
+
+
+def heldout_combinations() -> set[tuple[int, int]]:
+    """(label, colour index) pairs that appear only in the held-out split."""
+    return {
+        (label, scene_render.heldout_colour(label))
+        for label in range(len(scene_render.CLASS_NAMES))
+    }

@@ -1,0 +1,133 @@
+"""Random-access sources of decoded examples (numpy only) for grain, over any TFDS builder.
+
+`tfds.data_source` decodes ArrayRecord records to python lists for sequence features and to
+bytes for text; `to_numpy` turns one record into the `features.py` structure with fixed
+dtypes and shapes, also when an image has no objects, so nothing downstream special-cases it.
+"""
+
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from navit_seq.data import text
+from navit_seq.data.features import NUM_KEYPOINTS
+
+# objects/<field>: (dtype, shape of one object's value)
+OBJECT_ARRAYS = {
+    "bbox": (np.float32, (4,)),
+    "label": (np.int64, ()),
+    "category_id": (np.int64, ()),
+    "id": (np.int64, ()),
+    "is_crowd": (np.bool_, ()),
+    "area": (np.float32, ()),
+    "num_polygons": (np.int32, ()),
+    "keypoints": (np.float32, (NUM_KEYPOINTS, 3)),
+    "num_keypoints": (np.int32, ()),
+}
+BUILD_HINT = (
+    "build it with `python -m navit_seq.data.build scenes --data-dir DIR` (scene dataset) or "
+    "`python -m navit_seq.data.build coco --coco-dir SRC --data-dir DIR --name NAME`"
+)
+
+
+def _as_str(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+def _text_array(values: list[Any]) -> np.ndarray:
+    """A 1-D object array (numpy's fixed-width string dtypes would strip trailing NULs)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+def _object_array(values: list[Any], dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(values, dtype).reshape((len(values), *shape))
+
+
+def to_numpy(record: dict[str, Any]) -> dict[str, Any]:
+    """One decoded TFDS record -> numpy arrays with fixed dtypes; text as `str`, RLE as bytes.
+
+    `objects/mask_rle` and `objects/phrase`, `captions` are 1-D object arrays (of bytes, str).
+    """
+    objects = record["objects"]
+    converted = {
+        name: _object_array(objects[name], dtype, shape)
+        for name, (dtype, shape) in OBJECT_ARRAYS.items()
+    }
+    converted["mask_rle"] = _text_array([_as_bytes(v) for v in objects["mask_rle"]])
+    converted["phrase"] = _text_array([_as_str(v) for v in objects["phrase"]])
+    return {
+        "image": np.asarray(record["image"], np.uint8),  # [H, W, 3]
+        "image_id": np.int64(record["image_id"]),
+        "objects": converted,
+        "polygon_points": np.asarray(record["polygon_points"], np.float32).reshape(-1, 2),
+        "polygon_sizes": np.asarray(record["polygon_sizes"], np.int32).reshape(-1),
+        "captions": _text_array([_as_str(c) for c in record["captions"]]),
+    }
+
+
+class NumpySource:
+    """A grain random-access source (`len`, `[i]`) of `to_numpy` examples of one split."""
+
+    def __init__(self, name: str, split: str, data_dir: str | os.PathLike):
+        self.name, self.split, self.data_dir = name, split, os.fspath(data_dir)
+        builder = _builder(name, self.data_dir)
+        splits = sorted(builder.info.splits)
+        if split not in splits:
+            raise ValueError(
+                f"data_source: split={split!r} is not in dataset {name!r} at {self.data_dir!r}; "
+                f"its splits are {splits}."
+            )
+        self._source = tfds.data_source(name, split=split, data_dir=self.data_dir)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self!r}: index {index} is out of range for {len(self)} records.")
+        return to_numpy(self._source[int(index) % len(self)])
+
+    def __repr__(self) -> str:
+        return f"NumpySource(name={self.name!r}, split={self.split!r}, data_dir={self.data_dir!r})"
+
+
+def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise FileNotFoundError(
+            f"data_source: no dataset {name!r} in data_dir={data_dir!r}; {BUILD_HINT}."
+        ) from error
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"data_source: dataset {name!r} is not built in {builder.data_dir!r}; {BUILD_HINT}."
+        )
+    return builder
+
+
+def data_source(name: str, split: str, data_dir: str | os.PathLike) -> NumpySource:
+    """The numpy source of `split` of the prepared TFDS dataset `name` in `data_dir`."""
+    return NumpySource(name, split, data_dir)
+
+
+def class_names(name: str, data_dir: str | os.PathLike) -> list[str]:
+    """`objects/label` index -> class name of the prepared dataset."""
+    return list(_builder(name, os.fspath(data_dir)).info.features["objects"]["label"].names)
+
+
+def dataset_dir(name: str, data_dir: str | os.PathLike) -> str:
+    """The versioned folder holding the dataset's files (e.g. `<data_dir>/scenes/1.0.0`)."""
+    return os.fspath(_builder(name, os.fspath(data_dir)).data_dir)
+
+
+def sentencepiece_model(name: str, data_dir: str | os.PathLike) -> str:
+    """Path of the SentencePiece model the dataset's builder trained and stored."""
+    return text.find_sentencepiece(dataset_dir(name, data_dir))
