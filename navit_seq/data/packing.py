@@ -25,7 +25,8 @@ import numpy as np
 
 from navit_seq.data import token_drop
 
-# Per-image counters the per-image transforms attach under `counts`; summed over packed images.
+# Per-image counters the per-image transforms attach under `counts` (with the task's own
+# counters); summed over packed images. These always appear in `stats`, even when zero.
 IMAGE_COUNTS = (
     "examples_resized",
     "thin_images_stretched",
@@ -209,8 +210,8 @@ class PackIterator(grain.DatasetIterator):
         for element, *_, patches, _ in placements:
             stats["tokens_dropped"] += int(element["patches"].shape[0] - patches.shape[0])
             stats["tokens_before_drop"] += int(element["patches"].shape[0])
-            for key in IMAGE_COUNTS:
-                stats[key] += int(element["counts"].get(key, 0))
+            for key, count in element["counts"].items():
+                stats[key] = stats.get(key, 0) + int(count)
 
     def get_state(self) -> dict[str, Any]:
         return {

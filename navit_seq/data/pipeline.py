@@ -93,8 +93,10 @@ class PrepareImage(grain.transforms.RandomMap):
         resolution_config: ml_collections.ConfigDict,
         patch_size: int,
         max_tokens: int,
+        training: bool,
     ):
         self.task = task
+        self.training = training
         self.resolution_config = resolution_config
         self.patch_size = patch_size
         self.max_tokens = max_tokens
@@ -103,6 +105,8 @@ class PrepareImage(grain.transforms.RandomMap):
         example_id = int(element["example_id"])
         image, counts = patches.standardize_pixels(element["image"], example_id)
         element, counts["annotations_clipped"] = resolution.clip_annotations(element)
+        targets, task_counts = self.task.encode(element, training=self.training, rng=rng)
+        counts.update(task_counts)
         height, width = image.shape[:2]
         rows, cols, size_counts = resolution.sample_grid(
             self.resolution_config, height, width, self.patch_size, self.max_tokens, rng
@@ -118,7 +122,7 @@ class PrepareImage(grain.transforms.RandomMap):
             "original_size": np.array([height, width], np.int32),
             "example_id": np.int64(example_id),
             "task_id": np.int32(self.task.task_id),
-            "targets": self.task.encode(element),
+            "targets": targets,
             "stream_index": int(element["stream_index"]),
             "counts": counts,
         }
@@ -146,7 +150,9 @@ def per_image_dataset(
     else:  # evaluation: the largest size that fits the token budget, deterministic
         resolution_config = ml_collections.ConfigDict({**config.resolution, "kind": "token_budget"})
         max_tokens = config.eval_max_tokens
-    return ds.random_map(PrepareImage(task, resolution_config, config.patch_size, max_tokens))
+    return ds.random_map(
+        PrepareImage(task, resolution_config, config.patch_size, max_tokens, training=train)
+    )
 
 
 def make_dataset(

@@ -22,8 +22,12 @@ class Task(Protocol):
     name: str
     task_id: int  # unique per task; the packed batch's `task_id` holds it per example
 
-    def encode(self, example: dict) -> dict[str, np.ndarray]:
-        """Per-example targets, each of a fixed shape and dtype (see `target_spec`)."""
+    def encode(
+        self, example: dict, *, training: bool, rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """(targets, stats): targets of the fixed shapes of `target_spec`; stats are counts
+        with fixed keys (bad input skipped and counted, architecture.md §7), summed by the packer.
+        """
 
     def target_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """name -> (shape, dtype) of every target `encode` returns."""

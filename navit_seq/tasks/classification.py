@@ -22,8 +22,12 @@ class ClassificationTask:
             )
         self.num_classes = int(config.num_classes)
 
-    def encode(self, example: dict) -> dict[str, np.ndarray]:
-        """Multi-hot labels of the example's objects; raises on a label outside the classes."""
+    def encode(
+        self, example: dict, *, training: bool = False, rng: np.random.Generator | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """Multi-hot labels of the example's objects; raises on a label outside the classes
+        (a wrong `num_classes`, not bad data). Deterministic: `training` and `rng` are unused.
+        """
         labels = np.asarray(example["objects"]["label"], np.int64).reshape(-1)  # [N]
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(
@@ -33,7 +37,7 @@ class ClassificationTask:
             )
         multi_hot = np.zeros(self.num_classes, np.float32)  # [num_classes]
         multi_hot[labels] = 1.0
-        return {"labels": multi_hot}
+        return {"labels": multi_hot}, {"examples_without_labels": int(labels.size == 0)}
 
     def target_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return {"labels": ((self.num_classes,), np.dtype(np.float32))}

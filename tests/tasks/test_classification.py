@@ -14,19 +14,20 @@ def classification(num_classes: int = 5):
 
 
 def test_labels_are_multi_hot_of_the_classes_present():
-    targets = classification().encode({"objects": {"label": np.array([3, 0, 3])}})
+    targets = classification().encode({"objects": {"label": np.array([3, 0, 3])}})[0]
     np.testing.assert_array_equal(targets["labels"], [1, 0, 0, 1, 0])
     assert targets["labels"].dtype == np.float32
 
 
 def test_image_without_objects_has_no_labels():
-    targets = classification().encode({"objects": {"label": np.zeros((0,), np.int64)}})
+    targets, stats = classification().encode({"objects": {"label": np.zeros((0,), np.int64)}})
     assert targets["labels"].shape == (5,) and not targets["labels"].any()
+    assert stats == {"examples_without_labels": 1}
 
 
 def test_target_spec_matches_encoded_targets():
     task = classification(7)
-    targets = task.encode({"objects": {"label": np.array([6])}})
+    targets, _ = task.encode({"objects": {"label": np.array([6])}})
     for name, (shape, dtype) in task.target_spec().items():
         assert targets[name].shape == shape and targets[name].dtype == dtype
 
