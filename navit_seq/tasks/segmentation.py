@@ -215,12 +215,14 @@ def _simplify(polygon: np.ndarray, count: int) -> np.ndarray:
     simplifies to a vertex count."""
     size = len(polygon)
     before, after = np.roll(np.arange(size), 1), np.roll(np.arange(size), -1)
+    edge_in, edge_out = polygon - polygon[before], polygon[after] - polygon  # [K, 2]
+    areas = 0.5 * np.abs(edge_in[:, 0] * edge_out[:, 1] - edge_in[:, 1] * edge_out[:, 0])  # [K]
+    points, before, after = polygon.tolist(), before.tolist(), after.tolist()
 
-    def triangle_area(i: int) -> float:
-        (y0, x0), (y1, x1), (y2, x2) = polygon[before[i]], polygon[i], polygon[after[i]]
-        return 0.5 * abs((y1 - y0) * (x2 - x0) - (y2 - y0) * (x1 - x0))
+    def triangle_area(i: int) -> float:  # Python floats: ~10x faster than numpy scalars here
+        (y0, x0), (y1, x1), (y2, x2) = points[before[i]], points[i], points[after[i]]
+        return 0.5 * abs((y1 - y0) * (x2 - x1) - (x1 - x0) * (y2 - y1))
 
-    areas = np.array([triangle_area(i) for i in range(size)])  # [K]
     for _ in range(size - count):
         drop = int(np.argmin(areas))
         areas[drop] = np.inf
