@@ -42,6 +42,7 @@ class KeypointTask:
         "no_keypoints",  # objects whose keypoints are all unlabelled (v = 0)
         "invalid_boxes",  # non-finite box
         "keypoints_clipped",  # labelled points outside the crop, moved onto its border
+        "invalid_keypoints",  # labelled points with non-finite coordinates, made unlabelled
     )
 
     def __post_init__(self):
@@ -101,7 +102,10 @@ class KeypointTask:
             )
         image_size = image.shape[:2]
 
-        labelled = keypoints[:, :, 2] > 0  # [N, 17]
+        finite_points = np.isfinite(keypoints[:, :, :2]).all(axis=2)  # [N, 17]
+        stats["invalid_keypoints"] = int(((keypoints[:, :, 2] > 0) & ~finite_points).sum())
+        labelled = (keypoints[:, :, 2] > 0) & finite_points  # [N, 17]
+        keypoints = np.where(labelled[..., None], keypoints, 0.0)
         known = (labels >= 0) & (labels < self.vocab.num_classes)
         finite = np.isfinite(boxes).all(axis=1)
         has_points = labelled.any(axis=1)

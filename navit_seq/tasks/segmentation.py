@@ -38,7 +38,7 @@ class SegmentationTask:
         "invalid_boxes",  # non-finite box (the prompt needs one)
         "no_polygon",  # crowd (RLE only) or no usable polygon
         "polygons_dropped",  # polygons with < 3 points or non-finite coordinates
-        "instances_simplified",  # more points than fit: vertices subsampled / polygons dropped
+        "instances_simplified",  # more points than fit: outlines simplified, small polygons dropped
     )
 
     def __post_init__(self):

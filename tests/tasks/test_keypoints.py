@@ -126,6 +126,15 @@ def test_persons_without_labelled_points_and_unknown_classes_are_skipped_and_cou
     assert rows["crop_box"].shape == (2, 4)
 
 
+def test_non_finite_points_are_made_unlabelled_and_counted(task):
+    example = random_persons(2, seed=7)
+    example["objects"]["keypoints"][0, 3] = [np.nan, 0.5, 2]  # labelled: counted
+    example["objects"]["keypoints"][1, 4] = [np.inf, np.nan, 0]  # unlabelled: ignored
+    rows, stats = task.encode(example, training=False)
+    assert stats["invalid_keypoints"] == 1 and stats["instances"] == 2
+    np.testing.assert_array_equal(responses(rows)[0, 6:8], [Vocab.INVISIBLE] * 2)
+
+
 def test_an_image_without_persons_gives_zero_rows_and_is_counted(task):
     rows, stats = task.encode(make_example(np.zeros((0, 4)), np.zeros((0, 17, 3))), training=False)
     assert rows["target_tokens"].shape == (0, SEQ_LEN) and rows["crop_box"].shape == (0, 4)
