@@ -2,8 +2,9 @@ import itertools
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 
+from navit_seq.data.scene_render import render_scene, scene_rng
+from navit_seq.data.text import Tokenizer, train_sentencepiece
 from navit_seq.tasks.captioning import CaptioningTask
 from navit_seq.tasks.vocab import Vocab
 
@@ -16,28 +17,10 @@ SENTENCES = [
 ]
 
 
-class SentencePieceTokenizer:
-    """The captioning tokenizer interface over a SentencePiece model."""
-
-    def __init__(self, model_path: str):
-        self.processor = spm.SentencePieceProcessor(model_file=model_path)
-        self.vocab_size = self.processor.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.processor.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.processor.decode(ids)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("spm") / "captions"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES), model_prefix=str(prefix), vocab_size=32,
-        model_type="unigram", minloglevel=2,
-    )  # fmt: skip
-    return SentencePieceTokenizer(f"{prefix}.model")
+    path = tmp_path_factory.mktemp("spm") / "captions.model"
+    return Tokenizer(train_sentencepiece(SENTENCES, path, vocab_size=32))
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +104,19 @@ def test_a_tokenizer_larger_than_the_text_vocab_is_refused_naming_the_fix(tokeni
     task = CaptioningTask(Vocab(num_classes=4, text_vocab_size=5), tokenizer, seq_len=24)
     with pytest.raises(ValueError, match="set it to the tokenizer's vocabulary size"):
         task.encode({"captions": ["a purple triangle"]}, training=False)
+
+
+def test_round_trip_on_rendered_scene_captions_is_exact(tmp_path):
+    """Captions of the package's own scene dataset, with a tokenizer trained on them."""
+    captions = [
+        caption
+        for i in range(15)
+        for caption in render_scene(scene_rng(3, "test", i), image_id=i).example["captions"]
+    ]
+    tokenizer = Tokenizer(train_sentencepiece(captions, tmp_path / "scenes.model", 256))
+    vocab = Vocab(num_classes=12, text_vocab_size=tokenizer.vocab_size)
+    task = CaptioningTask(vocab, tokenizer, seq_len=64)
+    for caption in captions:
+        rows, stats = task.encode({"captions": [caption]}, training=False)
+        assert stats["captions_truncated"] == 0
+        assert task.decode(response(rows))[0] == caption
