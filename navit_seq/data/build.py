@@ -1,0 +1,192 @@
+"""Build datasets: `python -m navit_seq.data.build {scenes,coco} --data-dir DIR ...` (see --help).
+
+`scenes` draws the bundled scene dataset; `coco` converts a local COCO-format folder. Both
+write TFDS ArrayRecord datasets that `navit_seq.data.sources.data_source` reads, print where
+they wrote, and with `--show N` print N examples and save a picture of their annotations.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+from navit_seq.data import sources
+from navit_seq.data.features import KEYPOINT_SKELETON
+
+SCENE_DEFAULTS = {
+    "train_size": 10_000,
+    "validation_size": 1_000,
+    "heldout_size": 1_000,
+    "seed": 0,
+    "min_side": 48,
+    "max_side": 640,
+    "vocab_size": 512,
+}
+PICTURE_SIDE = 320  # each example is drawn with its long side scaled to this many pixels
+PICTURES_PER_ROW = 4
+# Distinct outline colours for annotations (not the scene palette, so they stand out).
+ANNOTATION_COLOURS = (
+    (255, 255, 255), (0, 0, 0), (255, 0, 255), (0, 255, 0), (255, 128, 0), (0, 160, 255),
+    (255, 255, 0), (128, 0, 255), (0, 255, 200), (255, 0, 0),
+)  # fmt: skip
+
+
+def build_scenes(data_dir: str | os.PathLike, num_workers: int | None = None, **options) -> str:
+    """Builds the scene dataset in `data_dir` unless it is already there; returns its folder.
+
+    `options` override SCENE_DEFAULTS (sizes, seed, side range, vocab size). A dataset already
+    built there with other options is an error, never silently reused or overwritten.
+    """
+    from navit_seq.data.builders import scenes  # TensorFlow-heavy: import on use
+
+    unknown = sorted(set(options) - set(SCENE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"build_scenes: unknown options {unknown}; known: {list(SCENE_DEFAULTS)}.")
+    builder = scenes.Scenes(
+        data_dir=os.fspath(data_dir), num_workers=num_workers, **{**SCENE_DEFAULTS, **options}
+    )
+    wanted = builder.generation_parameters()
+    if builder.is_prepared():
+        built = scenes.read_report(builder.data_dir)
+        built_parameters = {key: built.get(key) for key in wanted}
+        if built_parameters != wanted:
+            raise ValueError(
+                f"build_scenes: {builder.data_dir} holds a scene dataset built with "
+                f"{built_parameters}, not the requested {wanted}. Use another --data-dir or "
+                "delete that folder."
+            )
+        return os.fspath(builder.data_dir)
+    builder.download_and_prepare()
+    return os.fspath(builder.data_dir)
+
+
+def describe(example: dict[str, Any], names: Sequence[str]) -> str:
+    """A few readable lines about one decoded example."""
+    height, width = example["image"].shape[:2]
+    objects = example["objects"]
+    lines = [f"image {int(example['image_id'])}: {height}x{width}, {len(objects['label'])} objects"]
+    for i, label in enumerate(objects["label"]):
+        ymin, xmin, ymax, xmax = objects["bbox"][i]
+        lines.append(
+            f"  {names[label]:<9} box (y,x) ({ymin:.2f},{xmin:.2f})-({ymax:.2f},{xmax:.2f}) "
+            f"area {objects['area'][i]:.0f}px polygons {objects['num_polygons'][i]} "
+            f"keypoints {objects['num_keypoints'][i]}  {objects['phrase'][i]!r}"
+        )
+    lines += [f"  caption: {caption}" for caption in example["captions"]]
+    return "\n".join(lines)
+
+
+def draw_annotations(example: dict[str, Any], names: Sequence[str]) -> Image.Image:
+    """The image with masks tinted, polygons, boxes, class names and keypoints drawn."""
+    image = example["image"]
+    height, width = image.shape[:2]
+    scale = PICTURE_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL (w, h)
+    objects = example["objects"]
+    tinted = image.astype(np.float32)
+    for i, counts in enumerate(objects["mask_rle"]):
+        if counts:
+            mask = mask_utils.decode({"size": [height, width], "counts": counts}).astype(bool)
+            colour = np.asarray(ANNOTATION_COLOURS[i % len(ANNOTATION_COLOURS)], np.float32)
+            tinted[mask] = 0.55 * tinted[mask] + 0.45 * colour
+    picture = Image.fromarray(tinted.astype(np.uint8)).resize(size, Image.NEAREST)
+    canvas = ImageDraw.Draw(picture)
+    to_xy = lambda yx: [(float(x * size[0]), float(y * size[1])) for y, x in yx]
+    start = 0
+    polygon_owner = np.repeat(np.arange(len(objects["label"])), objects["num_polygons"])
+    for owner, count in zip(polygon_owner, example["polygon_sizes"], strict=True):
+        points = to_xy(example["polygon_points"][start : start + count])
+        colour = ANNOTATION_COLOURS[owner % len(ANNOTATION_COLOURS)]
+        canvas.line([*points, points[0]], fill=colour, width=1)
+        start += count
+    for i, label in enumerate(objects["label"]):
+        colour = ANNOTATION_COLOURS[i % len(ANNOTATION_COLOURS)]
+        (x0, y0), (x1, y1) = to_xy(objects["bbox"][i].reshape(2, 2))
+        canvas.rectangle((x0, y0, x1, y1), outline=colour, width=2)
+        canvas.text((x0 + 2, y0 + 1), names[label], fill=colour)
+        keypoints = objects["keypoints"][i]
+        labelled = keypoints[:, 2] > 0
+        points = to_xy(keypoints[:, :2])
+        for a, b in KEYPOINT_SKELETON:  # 1-based COCO indices
+            if labelled[a - 1] and labelled[b - 1]:
+                canvas.line([points[a - 1], points[b - 1]], fill=(255, 255, 255), width=1)
+        for k in np.flatnonzero(labelled):
+            x, y = points[k]
+            fill = (0, 255, 0) if keypoints[k, 2] == 2 else (255, 0, 0)  # visible / occluded
+            canvas.ellipse((x - 3, y - 3, x + 3, y + 3), fill=fill, outline=(0, 0, 0))
+    return picture
+
+
+def print_sample(
+    name: str, split: str, data_dir: str | os.PathLike, num: int, picture_path: str | None = None
+) -> str:
+    """Prints `num` examples of the dataset and saves their annotations drawn in one PNG."""
+    source = sources.data_source(name, split, data_dir)
+    names = sources.class_names(name, data_dir)
+    pictures = []
+    for index in range(min(num, len(source))):
+        example = source[index]
+        print(describe(example, names))
+        pictures.append(draw_annotations(example, names))
+    if not pictures:
+        raise ValueError(f"print_sample: split {split!r} of {name!r} has no examples to show.")
+    rows = -(-len(pictures) // PICTURES_PER_ROW)
+    columns = min(len(pictures), PICTURES_PER_ROW)
+    sheet = Image.new("RGB", (columns * PICTURE_SIDE, rows * PICTURE_SIDE), (32, 32, 32))
+    for i, picture in enumerate(pictures):
+        sheet.paste(picture, ((i % columns) * PICTURE_SIDE, (i // columns) * PICTURE_SIDE))
+    picture_path = picture_path or os.path.join(os.fspath(data_dir), f"{name}_{split}_samples.png")
+    sheet.save(picture_path)
+    print(f"saved a picture of {len(pictures)} annotated examples to {picture_path}")
+    return picture_path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m navit_seq.data.build", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    scenes = commands.add_parser("scenes", help="draw the bundled scene dataset (no download)")
+    scenes.add_argument("--data-dir", required=True, help="TFDS data directory to write into")
+    for option, default in SCENE_DEFAULTS.items():
+        scenes.add_argument(f"--{option.replace('_', '-')}", type=int, default=default)
+    scenes.add_argument(
+        "--num-workers", type=int, default=None, help="processes drawing scenes (default: 2)"
+    )
+    coco = commands.add_parser("coco", help="convert a local COCO-format folder")
+    coco.add_argument("--coco-dir", required=True, help="folder with images and annotations/")
+    coco.add_argument("--data-dir", required=True, help="TFDS data directory to write into")
+    coco.add_argument("--name", default="coco_format", help="TFDS dataset name to give it")
+    for command in (scenes, coco):
+        command.add_argument("--show", type=int, default=0, metavar="N", help="print N examples")
+        command.add_argument("--show-split", default=None, help="split to show (default: first)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "scenes":
+        options = {option: getattr(args, option) for option in SCENE_DEFAULTS}
+        dataset_dir = build_scenes(args.data_dir, num_workers=args.num_workers, **options)
+        name, first_split = "scenes", "train"
+        with open(os.path.join(dataset_dir, "build_report.json")) as f:
+            print(json.dumps(json.load(f), indent=1))
+        print(f"scene dataset in {dataset_dir} (tokenizer: {dataset_dir}/sentencepiece.model)")
+    else:
+        from navit_seq.data.builders import coco  # TensorFlow-heavy: import on use
+
+        report = coco.build(args.coco_dir, args.data_dir, name=args.name)
+        name, first_split = args.name, next(iter(report["splits"]))
+        print(json.dumps(report, indent=1))
+        print(f"COCO-format dataset {args.name!r} in {report['dataset_dir']}")
+    if args.show:
+        print_sample(name, args.show_split or first_split, args.data_dir, args.show)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
