@@ -10,3 +10,24 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
+
+
+import pytest  # noqa: E402
+
+# The tiny scene dataset every test may share: built once per test session (a few seconds).
+SCENES_TEST_SIZES = {"train_size": 24, "validation_size": 8, "heldout_size": 8}
+SCENES_TEST_SIDES = {"min_side": 48, "max_side": 320}
+
+
+@pytest.fixture(scope="session")
+def scenes_data_dir(tmp_path_factory) -> str:
+    """TFDS data_dir holding dataset "scenes" (24 train / 8 validation / 8 heldout, sides 48-320).
+
+    Read it with `navit_seq.data.sources.data_source("scenes", split, scenes_data_dir)`; its
+    tokenizer is `sources.sentencepiece_model("scenes", scenes_data_dir)`.
+    """
+    from navit_seq.data.build import build_scenes
+
+    data_dir = str(tmp_path_factory.mktemp("scenes_data"))
+    build_scenes(data_dir, num_workers=1, **SCENES_TEST_SIZES, **SCENES_TEST_SIDES)
+    return data_dir
