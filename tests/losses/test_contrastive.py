@@ -95,7 +95,10 @@ def _inputs(counts, seed=0):
 
 @functools.cache
 def _mesh(axis_shape=(NUM_DEVICES,), axis_names=("data",)):
-    return jax.make_mesh(axis_shape, axis_names, axis_types=(AxisType.Auto,) * len(axis_shape))
+    devices = jax.devices()[: int(np.prod(axis_shape))]
+    return jax.make_mesh(
+        axis_shape, axis_names, axis_types=(AxisType.Auto,) * len(axis_shape), devices=devices
+    )
 
 
 @functools.cache
@@ -187,6 +190,14 @@ def test_chunked_form_over_two_mesh_axes_matches_plain_form(kind):
     img, txt, valid = _inputs(UNEVEN_VALID_COUNTS, seed=2)
     two_axes = dict(axis_names=("data", "fsdp"), axis_shape=(4, 2))
     chunked = _run(kind, "chunked", img, txt, valid, **two_axes)
+    _assert_all_close(chunked, _run(kind, "plain", img, txt, valid), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ring_size", (1, 2))
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_form_on_short_rings_matches_plain_form(kind, ring_size):
+    img, txt, valid = _inputs(UNEVEN_VALID_COUNTS, seed=4)
+    chunked = _run(kind, "chunked", img, txt, valid, axis_shape=(ring_size,))
     _assert_all_close(chunked, _run(kind, "plain", img, txt, valid), rtol=1e-5, atol=1e-6)
 
 
