@@ -38,6 +38,17 @@ _OUTPUT = flags.DEFINE_string("output", "outputs/inspect/packing.png", "Where th
 _ROWS_SHOWN = flags.DEFINE_integer("rows-shown", 4, "Packed rows drawn in the picture.")
 
 
+# Raw counters already summarized by `packing.summarize_stats`.
+_DERIVED_FROM = (
+    "tokens_real",
+    "tokens_total",
+    "rows_nonempty",
+    "images_per_seq_min",
+    "images_per_seq_max",
+    "tokens_before_drop",
+)
+
+
 class SyntheticImages(Sequence):
     """Decoded examples with images of given (height, width): smooth gradients, one label."""
 
@@ -72,7 +83,7 @@ def dataset_source(config: ml_collections.ConfigDict, split: str) -> Sequence[di
 
     source = sources.data_source(config.name, split, data_dir=config.data_dir)
     if not config.task.get("num_classes"):
-        config.task.num_classes = sources.num_classes(config.name, data_dir=config.data_dir)
+        config.task.num_classes = len(sources.class_names(config.name, data_dir=config.data_dir))
     return source
 
 
@@ -131,10 +142,8 @@ def measure(
         "examples_dropped": stats["examples_read"]
         - stats["examples_packed"]
         - iterator.num_buffered,
-        "tokens_dropped": stats["tokens_dropped"],
-        "batches": stats["batches"],
-        "examples_packed": stats["examples_packed"],
-        **{key: stats[key] for key in packing.IMAGE_COUNTS if key != "examples_resized"},
+        # Every other counter: batches, examples, dropped tokens, conversions, task counts.
+        **{key: value for key, value in stats.items() if key not in _DERIVED_FROM},
         "batches_per_s": measured / seconds,
         "images_per_s": window["examples_packed"] / seconds,
         "real_tokens_per_s": window["tokens_real"] / seconds,
