@@ -330,16 +330,19 @@ def _person(rng, label, colour, height_px, image_height, image_width) -> _Object
 
     def draw(canvas: ImageDraw.ImageDraw, offset_yx):
         def disc(centre, r):
-            ((x, y),) = _to_pil(centre[None], offset_yx)
+            # Centred on the pixel holding `centre`, in whole pixels: PIL truncates fractional
+            # ellipse boxes, which could leave a keypoint's own pixel off its figure.
+            y, x = np.floor(centre).astype(int) - offset_yx
+            r = max(1, round(r))
             canvas.ellipse((x - r, y - r, x + r, y + r), fill=1)
 
         canvas.polygon(_to_pil(torso, offset_yx), fill=1)
         canvas.line(_to_pil(np.stack([neck, head]), offset_yx), fill=1, width=round(2 * half_width))
         for a, b in segments:
             canvas.line(_to_pil(keypoints[[a, b]], offset_yx), fill=1, width=round(2 * half_width))
-        for joint in keypoints[5:]:
-            disc(joint, half_width)
         disc(head, head_radius)
+        for joint in keypoints:  # every keypoint, face ones too, lies on the figure
+            disc(joint, half_width)
 
     outline = np.concatenate([keypoints, head[None] - head_radius, head[None] + head_radius])
     extent = (*(outline.min(0) - half_width - 1), *(outline.max(0) + half_width + 1))

@@ -1,0 +1,217 @@
+"""Scene annotations checked against independent references (pycocotools rasterisation)."""
+
+import re
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from navit_seq.data import scene_render
+from navit_seq.data.scene_render import CLASS_NAMES, COLOUR_NAMES, SceneSpec
+
+NUM_SCENES = 60
+DEFAULT_SPEC = SceneSpec()
+
+
+def _render(index: int, spec: SceneSpec = DEFAULT_SPEC, split: str = "train") -> dict:
+    return scene_render.render_scene(scene_render.scene_rng(7, split, index), spec).example
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[dict]:
+    return [_render(i) for i in range(NUM_SCENES)]
+
+
+def _masks(example: dict) -> np.ndarray:
+    height, width = example["image"].shape[:2]
+    rles = [{"size": [height, width], "counts": c} for c in example["objects"]["mask_rle"]]
+    return mask_utils.decode(rles).astype(bool).transpose(2, 0, 1)  # [N, H, W]
+
+
+def _polygons_by_object(example: dict) -> list[list[np.ndarray]]:
+    """Per object, its polygons in pixels (y, x)."""
+    height, width = example["image"].shape[:2]
+    ends = np.cumsum(example["polygon_sizes"])
+    polygons = np.split(example["polygon_points"] * [height, width], ends[:-1])
+    per_object = np.split(np.arange(len(ends)), np.cumsum(example["objects"]["num_polygons"]))
+    return [[polygons[i] for i in indices] for indices in per_object[:-1]]
+
+
+def _colour_and_label(phrase: str) -> tuple[int, int]:
+    words = re.findall(r"[a-z]+", phrase)
+    colour = next(COLOUR_NAMES.index(w) for w in words if w in COLOUR_NAMES)
+    label = next(CLASS_NAMES.index(w) for w in words if w in CLASS_NAMES)
+    return label, colour
+
+
+def test_polygons_rasterised_by_pycocotools_match_the_stored_masks(scenes):
+    ious = []
+    for example in scenes:
+        height, width = example["image"].shape[:2]
+        for mask, polygons in zip(_masks(example), _polygons_by_object(example), strict=True):
+            coco_polygons = [p[:, ::-1].ravel().tolist() for p in polygons]  # COCO: x, y
+            drawn = mask_utils.decode(
+                mask_utils.merge(mask_utils.frPyObjects(coco_polygons, height, width))
+            ).astype(bool)
+            ious.append((drawn & mask).sum() / (drawn | mask).sum())
+    assert len(ious) > 100
+    assert min(ious) > 0.9, sorted(ious)[:5]
+    assert np.mean(ious) > 0.99
+
+
+def test_trace_polygons_reproduces_a_mask_with_holes_and_two_parts():
+    mask = np.zeros((40, 50), bool)
+    yy, xx = np.mgrid[:40, :50]
+    mask |= (yy - 18) ** 2 + (xx - 18) ** 2 < 15**2  # a disc ...
+    mask &= ~((yy - 16) ** 2 + (xx - 20) ** 2 < 5**2)  # ... with a round hole
+    mask[20:24, 9:13] = False  # and a square hole
+    mask[5:30, 40:46] = True  # a second part
+    polygons = scene_render.trace_polygons(mask)
+    assert len(polygons) == 2
+    coco_polygons = [p[:, ::-1].ravel().tolist() for p in polygons]
+    drawn = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(coco_polygons, 40, 50)))
+    assert (drawn.astype(bool) != mask).sum() <= 2
+
+
+def test_boxes_are_the_tight_boxes_of_the_masks(scenes):
+    for example in scenes:
+        height, width = example["image"].shape[:2]
+        for mask, box in zip(_masks(example), example["objects"]["bbox"], strict=True):
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            expected = [rows[0] / height, cols[0] / width, (rows[-1] + 1) / height,
+                        (cols[-1] + 1) / width]  # fmt: skip
+            np.testing.assert_allclose(box, expected, atol=1e-6)
+
+
+def test_area_is_the_mask_pixel_count_and_masks_do_not_overlap(scenes):
+    for example in scenes:
+        masks = _masks(example)
+        np.testing.assert_array_equal(example["objects"]["area"], masks.sum((1, 2)))
+        assert masks.sum(0).max() <= 1  # each pixel shows one object at most
+
+
+def test_visible_keypoints_lie_on_their_figure_and_occluded_ones_under_a_later_object(scenes):
+    checked_visible = checked_occluded = 0
+    for example in scenes:
+        height, width = example["image"].shape[:2]
+        masks = _masks(example)
+        for index, keypoints in enumerate(example["objects"]["keypoints"]):
+            for y, x, visibility in keypoints:
+                if visibility == 0:
+                    continue
+                row, col = int(y * height), int(x * width)
+                if visibility == 2:
+                    assert masks[index, row, col]
+                    checked_visible += 1
+                else:
+                    assert not masks[index, row, col]
+                    assert masks[index + 1 :, row, col].any()
+                    checked_occluded += 1
+    assert checked_visible > 50 and checked_occluded > 3
+
+
+def test_keypoints_of_a_lone_figure_are_all_on_it_or_outside_the_image():
+    lone = SceneSpec(min_objects=1, max_objects=1)
+    figures = 0
+    for index in range(80):
+        example = _render(index, lone)
+        objects = example["objects"]
+        if len(objects["label"]) == 0 or objects["label"][0] != 0:
+            continue
+        figures += 1
+        mask = _masks(example)[0]
+        height, width = mask.shape
+        for y, x, visibility in objects["keypoints"][0]:
+            assert visibility in (0, 2)  # nothing can occlude a lone figure
+            if visibility == 2:
+                assert mask[int(y * height), int(x * width)]
+    assert figures >= 5
+
+
+def test_unlabelled_keypoints_are_zero_and_labelled_ones_inside_the_image(scenes):
+    seen_unlabelled_person_point = False
+    for example in scenes:
+        objects = example["objects"]
+        keypoints = objects["keypoints"]
+        labelled = keypoints[..., 2] > 0
+        np.testing.assert_array_equal(keypoints[~labelled], 0)
+        assert np.all((keypoints[labelled][:, :2] >= 0) & (keypoints[labelled][:, :2] < 1))
+        np.testing.assert_array_equal(objects["num_keypoints"], labelled.sum(1))
+        assert not labelled[objects["label"] != 0].any()  # only persons have keypoints
+        seen_unlabelled_person_point |= (~labelled[objects["label"] == 0]).any()
+    assert seen_unlabelled_person_point  # some figures leave the picture
+
+
+def test_every_caption_names_every_annotated_class(scenes):
+    for example in scenes:
+        for caption in example["captions"]:
+            for label in set(example["objects"]["label"]):
+                names = {CLASS_NAMES[label], scene_render.noun(label, 2)}
+                assert any(re.search(rf"\b{n}\b", caption) for n in names), (caption, names)
+
+
+def test_captions_vary_in_wording(scenes):
+    for example in scenes:
+        assert len(set(example["captions"])) == len(example["captions"]) == 5
+
+
+def test_phrases_name_each_object_class(scenes):
+    for example in scenes:
+        for label, phrase in zip(
+            example["objects"]["label"], example["objects"]["phrase"], strict=True
+        ):
+            assert _colour_and_label(phrase)[0] == label
+
+
+def test_heldout_spec_draws_only_heldout_combinations_and_seen_spec_none():
+    heldout = {(label, scene_render.heldout_colour(label)) for label in range(len(CLASS_NAMES))}
+    assert len({colour for _, colour in heldout}) == len(COLOUR_NAMES)  # every colour used
+    for index in range(30):
+        for split, spec in (("train", SceneSpec()), ("heldout", SceneSpec(combos="heldout"))):
+            example = _render(index, spec, split)
+            combos = {_colour_and_label(p) for p in example["objects"]["phrase"]}
+            assert (combos <= heldout) if split == "heldout" else not (combos & heldout)
+
+
+def test_same_seed_split_and_index_give_identical_scenes():
+    first, again = _render(3), _render(3)
+    assert first["image"].tobytes() == again["image"].tobytes()
+    assert list(first["objects"]["mask_rle"]) == list(again["objects"]["mask_rle"])
+    assert first["captions"] == again["captions"]
+    other = _render(4)
+    assert first["image"].shape != other["image"].shape or not np.array_equal(
+        first["image"], other["image"]
+    )
+
+
+def test_image_sides_and_aspect_ratios_stay_within_the_spec(scenes):
+    spec = SceneSpec()
+    sides = np.array([example["image"].shape[:2] for example in scenes])  # [S, 2] (H, W)
+    assert sides.min() >= spec.min_side and sides.max() <= spec.max_side
+    ratio = sides[:, 0] / sides[:, 1]
+    assert ratio.max() <= spec.max_aspect_ratio * 1.02 and ratio.min() >= 1 / 3.06
+    assert ratio.max() > 2 and ratio.min() < 0.5  # both orientations, far from square
+    narrow = SceneSpec(min_side=60, max_side=80)
+    for index in range(20):
+        height, width = _render(index, narrow)["image"].shape[:2]
+        assert 60 <= min(height, width) and max(height, width) <= 80
+
+
+def test_objects_per_scene_follow_the_spec(scenes):
+    counts = [len(example["objects"]["label"]) for example in scenes]
+    assert max(counts) <= 10 and min(counts) >= 1
+    assert max(counts) >= 7  # busy scenes occur
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"min_side": 100, "max_side": 50}, "min_side"),
+        ({"max_aspect_ratio": 0.5}, "max_aspect_ratio"),
+        ({"min_objects": 0}, "min_objects"),
+        ({"combos": "unseen"}, "combos"),
+    ],
+)
+def test_bad_scene_spec_is_refused_naming_the_field(options, message):
+    with pytest.raises(ValueError, match=message):
+        SceneSpec(**options)
