@@ -162,16 +162,16 @@ def _require(record: dict, field: str, path: str, what: str, types_: tuple) -> A
 
 
 def _check_finite(value: Any, path: str, what: str) -> None:
-    """Raises unless `value` is a finite number or a (nested) list of finite numbers."""
-    numbers = _flatten(value) if isinstance(value, list) else [value]
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+    """Raises unless `value` is a finite number or a flat list of finite numbers."""
+    numbers = value if isinstance(value, list) else [value]
+    if not set(map(type, numbers)) <= {int, float}:  # also rejects bools and nested lists
         raise CocoFormatError(f"{path}: {what} holds {str(value)[:80]}; expected numbers.")
-    if not all(math.isfinite(v) for v in numbers):
+    try:
+        finite = all(map(math.isfinite, numbers))
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
         raise CocoFormatError(f"{path}: {what} contains NaN/inf; replace it with finite numbers.")
-
-
-def _flatten(value: list) -> list:
-    return [v for item in value for v in (_flatten(item) if isinstance(item, list) else [item])]
 
 
 def _check_ids_unique(records: list[dict], path: str, what: str) -> None:
@@ -225,8 +225,9 @@ def _merge_categories(categories: dict[int, dict], coco: COCO, path: str) -> Non
 
 def _polygon_area(coords: list[float]) -> float:
     """Shoelace area in square pixels of a flat [x0, y0, x1, y1, ...] polygon."""
-    x, y = np.asarray(coords[0::2], np.float64), np.asarray(coords[1::2], np.float64)
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    x, y = coords[0::2], coords[1::2]
+    next_x, next_y = x[1:] + x[:1], y[1:] + y[:1]
+    return 0.5 * abs(sum(map(lambda a, b, c, d: a * d - c * b, x, y, next_x, next_y)))
 
 
 def _clean_annotation(
@@ -260,7 +261,7 @@ def _clean_annotation(
         rle = _check_rle(segmentation, image, path, what)
     elif isinstance(segmentation, list):
         for polygon in segmentation:
-            if not isinstance(polygon, list) or any(isinstance(v, list) for v in polygon):
+            if not isinstance(polygon, list):
                 raise CocoFormatError(
                     f"{path}: {what} has a polygon {str(polygon)[:80]}; expected a flat list "
                     "[x0, y0, x1, y1, ...] of numbers."
@@ -271,7 +272,7 @@ def _clean_annotation(
             if len(polygon) < 6 or len(polygon) % 2 or _polygon_area(polygon) < MIN_POLYGON_AREA:
                 report.count("skipped", "degenerate_polygon", annotation_id)
                 continue
-            polygons.append([float(v) for v in polygon])
+            polygons.append(polygon)
         if segmentation and not polygons:
             report.count("skipped", "no_valid_polygon", annotation_id)
             return None
