@@ -224,3 +224,29 @@ def describe_shardings(tree: Any) -> dict[str, str]:
     return {
         path_str(path): str(leaf.sharding.spec) for path, leaf in flat if hasattr(leaf, "sharding")
     }
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+    """`config.mesh` every recipe starts from: all devices on `data`, GSPMD-style rules.
+
+    `shape` gives one size per axis in `axis_names` (-1 = the remaining devices); `rules` map
+    logical axis names to mesh axes (unlisted names are replicated). FSDP shards the model
+    width over `fsdp`; tensor parallelism shards MLP, heads and classes over `tensor`.
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            axis_names=("data", "fsdp", "tensor"),
+            shape=(-1, 1, 1),
+            num_devices=-1,  # -1: every device; N: the first N (e.g. 1 for a single-device run)
+            rules=(
+                ("act_batch", ("data", "fsdp")),
+                ("embed", "fsdp"),
+                ("mlp", "tensor"),
+                ("heads", "tensor"),
+                ("classes", "tensor"),
+                ("vocab", "tensor"),
+                ("act_mlp", "tensor"),
+                ("act_heads", "tensor"),
+            ),
+        )
+    )

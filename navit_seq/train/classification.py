@@ -11,26 +11,32 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from clu import metrics as clu_metrics
 from flax import nnx
 
+from navit_seq.losses import classification as losses
 from navit_seq.train.loop import MetricDict, Objective
 
 
-def per_example_losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Sigmoid cross-entropy summed over classes: [B, E, C] -> [B, E]."""
-    return optax.sigmoid_binary_cross_entropy(logits, labels).sum(axis=-1)
+def per_example_losses(config: ml_collections.ConfigDict):
+    """The recipe's per-example loss [B, E, C] -> [B, E] (`config.loss`: sigmoid or softmax)."""
+    per_example = {
+        "sigmoid_xent": losses.per_example_sigmoid_xent,
+        "softmax_xent": losses.per_example_softmax_xent,
+    }
+    name = config.get("loss", "sigmoid_xent")
+    if name not in per_example:
+        raise ValueError(f"config.loss={name!r} is not one of {tuple(per_example)}.")
+    return per_example[name]
 
 
 def _metrics(per_example: jax.Array, logits: jax.Array, batch: Mapping[str, Any]) -> MetricDict:
     valid = batch["example_valid"]  # [B, E]
     labels = batch["targets"]["labels"]  # [B, E, C]
-    top1 = jnp.argmax(logits, axis=-1)  # [B, E]
     # precision@1: the top-scoring class is one of the image's classes (big_vision's metric).
-    precision_at_1 = jnp.take_along_axis(labels, top1[..., None], axis=-1)[..., 0]
-    # accuracy: fraction of (example, class) decisions right at threshold 0.5.
-    accuracy = ((logits > 0) == (labels > 0.5)).mean(axis=-1)
+    precision_at_1 = losses.top1_correct(logits, labels).astype(jnp.float32)  # [B, E]
+    # accuracy: fraction of (example, class) yes/no decisions right at probability 0.5.
+    accuracy = ((logits > 0) == (labels > 0.5)).mean(axis=-1)  # [B, E]
     return {
         "loss": clu_metrics.Average.from_model_output(per_example, mask=valid),
         "precision_at_1": clu_metrics.Average.from_model_output(precision_at_1, mask=valid),
@@ -38,22 +44,55 @@ def _metrics(per_example: jax.Array, logits: jax.Array, batch: Mapping[str, Any]
     }
 
 
-def loss(
-    model: nnx.Module, batch: Mapping[str, Any], deterministic: bool
-) -> tuple[jax.Array, jax.Array, MetricDict]:
-    """(summed loss over valid examples, number of valid examples, metrics)."""
-    logits = model(batch, deterministic=deterministic)["logits"].astype(jnp.float32)  # [B, E, C]
-    valid = batch["example_valid"]  # [B, E]
-    per_example = per_example_losses(logits, batch["targets"]["labels"])  # [B, E]
-    loss_sum = jnp.sum(jnp.where(valid, per_example, 0.0))
-    return loss_sum, jnp.sum(valid).astype(jnp.float32), _metrics(per_example, logits, batch)
+def make_loss(config: ml_collections.ConfigDict):
+    """loss(model, batch, deterministic) -> (summed loss over valid examples, #valid, metrics)."""
+    per_example_fn = per_example_losses(config)
+
+    def loss(
+        model: nnx.Module, batch: Mapping[str, Any], deterministic: bool
+    ) -> tuple[jax.Array, jax.Array, MetricDict]:
+        logits = model(batch, deterministic=deterministic)["logits"]  # [B, E, C] float32
+        valid = batch["example_valid"]  # [B, E]
+        per_example = per_example_fn(logits, batch["targets"]["labels"])  # [B, E]
+        loss_sum = jnp.sum(jnp.where(valid, per_example, 0.0))
+        return loss_sum, jnp.sum(valid).astype(jnp.float32), _metrics(per_example, logits, batch)
+
+    return loss
 
 
-def eval_metrics(model: nnx.Module, batch: Mapping[str, Any]) -> MetricDict:
-    """Loss, precision@1 and accuracy over the batch's valid examples (no dropout)."""
-    logits = model(batch, deterministic=True)["logits"].astype(jnp.float32)
-    per_example = per_example_losses(logits, batch["targets"]["labels"])
-    return _metrics(per_example, logits, batch)
+def make_eval_metrics(config: ml_collections.ConfigDict):
+    """Loss, precision@1 and accuracy over a batch's valid examples (no dropout)."""
+    per_example_fn = per_example_losses(config)
+
+    def eval_metrics(model: nnx.Module, batch: Mapping[str, Any]) -> MetricDict:
+        logits = model(batch, deterministic=True)["logits"]
+        per_example = per_example_fn(logits, batch["targets"]["labels"])
+        return _metrics(per_example, logits, batch)
+
+    return eval_metrics
+
+
+def resolve_num_classes(config: ml_collections.ConfigDict) -> None:
+    """Fills data.task.num_classes (0 = from the dataset) and checks the model agrees."""
+    task = config.data.task
+    if not task.get("num_classes"):
+        from navit_seq.data import sources  # TFDS import only when a dataset is read
+
+        with config.unlocked():
+            task.num_classes = sources.num_classes(config.data.name, data_dir=config.data.data_dir)
+    if not config.model.get("num_classes") or config.model.num_classes <= 0:
+        with config.unlocked():
+            config.model.num_classes = task.num_classes
+    if config.model.num_classes != task.num_classes:
+        raise ValueError(
+            f"config.model.num_classes={config.model.num_classes} but the dataset's "
+            f"data.task.num_classes={task.num_classes}; make them equal (or set the model's to 0)."
+        )
+    if config.model.patch_size != config.data.patch_size:
+        raise ValueError(
+            f"config.model.patch_size={config.model.patch_size} differs from "
+            f"config.data.patch_size={config.data.patch_size}; they must be equal."
+        )
 
 
 def model_fn(config: ml_collections.ConfigDict):
@@ -63,25 +102,36 @@ def model_fn(config: ml_collections.ConfigDict):
     return lambda: Classifier(config.model, rngs=nnx.Rngs(config.seed))
 
 
+def _dataset(config: ml_collections.ConfigDict, split: str, train: bool):
+    from navit_seq.data import pipeline, sources
+
+    source = sources.data_source(config.data.name, split, data_dir=config.data.data_dir)
+    return pipeline.make_dataset(
+        source,
+        config.data,
+        train=train,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
 def train_iterator(config: ml_collections.ConfigDict) -> Iterator:
     """This host's checkpointable iterator over packed training batches."""
-    from navit_seq.data import pipeline
-
-    return iter(pipeline.make_train_dataset(config.data, seed=config.seed))
+    return iter(_dataset(config, config.data.train_split, train=True))
 
 
 def eval_iterator(config: ml_collections.ConfigDict) -> Iterable:
-    from navit_seq.data import pipeline
-
-    return pipeline.make_eval_dataset(config.data)
+    """One pass over this host's share of the eval split, at the eval token budget."""
+    return _dataset(config, config.data.eval_split, train=False)
 
 
 def objective(config: ml_collections.ConfigDict) -> Objective:
     """The classification objective of a recipe (`config.trainer = "classification"`)."""
+    resolve_num_classes(config)
     return Objective(
         model_fn=model_fn(config),
-        loss=loss,
-        eval_metrics=eval_metrics,
+        loss=make_loss(config),
+        eval_metrics=make_eval_metrics(config),
         train_iterator=lambda: train_iterator(config),
         eval_iterator=lambda: eval_iterator(config),
     )

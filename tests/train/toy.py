@@ -18,14 +18,14 @@ def _init(names):
 
 
 class ToyClassifier(nnx.Module):
-    def __init__(self, width: int = 16, num_classes: int = NUM_CLASSES, *, rngs: nnx.Rngs):
+    def __init__(self, width=16, num_classes=NUM_CLASSES, dropout=0.1, *, rngs: nnx.Rngs):
         self.embed = nnx.Linear(PATCH_DIM, width, kernel_init=_init(("patch", "embed")), rngs=rngs)
         self.mlp = nnx.Linear(width, 2 * width, kernel_init=_init(("embed", "mlp")), rngs=rngs)
         self.out = nnx.Linear(2 * width, width, kernel_init=_init(("mlp", "embed")), rngs=rngs)
         self.head = nnx.Linear(
             width, num_classes, kernel_init=_init(("embed", "classes")), rngs=rngs
         )
-        self.dropout = nnx.Dropout(0.1, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, batch, deterministic: bool = True):
         x = batch["patches"].astype(jnp.float32) / 127.5 - 1.0  # [B, L, PD]
@@ -97,9 +97,11 @@ def toy_objective(config):
         max_examples=config.data.max_examples_per_seq,
     )
     return Objective(
-        model_fn=lambda: ToyClassifier(rngs=nnx.Rngs(config.seed)),
-        loss=classification.loss,
-        eval_metrics=classification.eval_metrics,
+        model_fn=lambda: ToyClassifier(
+            dropout=config.model.get("dropout", 0.1), rngs=nnx.Rngs(config.seed)
+        ),
+        loss=classification.make_loss(config),
+        eval_metrics=classification.make_eval_metrics(config),
         train_iterator=lambda: iter(
             toy_train_dataset(config.seed, config.data.get("sleep_s", 0.0), **batch_kwargs)
         ),
@@ -134,7 +136,7 @@ def toy_config(mesh_shape=(-1, 1, 1), num_devices=-1):
         ),
     )
     config.data = dict(batch_size=8, seq_len=16, max_examples_per_seq=3)
-    config.model = dict()
+    config.model = dict(dropout=0.1)
     config.optimizer = default_optimizer_config()
     config.optimizer.learning_rate = 1e-2
     return config
