@@ -134,3 +134,28 @@ def test_inspect_measures_packing_and_draws_rows(tmp_path):
     assert summary["images_per_seq_max"] <= config.max_examples_per_seq
     inspect.draw_rows(first, config.patch_size, 2, tmp_path / "rows.png")
     assert (tmp_path / "rows.png").stat().st_size > 0
+
+
+def test_scenes_epoch_packs_every_example_once_with_its_labels(scenes_data_dir):
+    from navit_seq.data import sources
+
+    source = sources.data_source("scenes", "train", scenes_data_dir)
+    config = small_config(num_epochs=1)
+    config.update(name="scenes", data_dir=scenes_data_dir)
+    config.task.num_classes = len(sources.class_names("scenes", scenes_data_dir))
+    config.token_drop.update(kind="beta", d_mean=0.3, d_max=0.6)
+    for train in (True, False):
+        iterator = iter(pipeline.make_dataset(source, config, train=train))
+        seen = []
+        for batch in iterator:
+            for row, slot in zip(*np.nonzero(batch["example_valid"]), strict=True):
+                example = source[batch["example_id"][row, slot]]
+                labels = np.zeros(config.task.num_classes, np.float32)
+                labels[example["objects"]["label"]] = 1
+                np.testing.assert_array_equal(batch["targets"]["labels"][row, slot], labels)
+                np.testing.assert_array_equal(
+                    batch["original_size"][row, slot], example["image"].shape[:2]
+                )
+                seen.append(int(batch["example_id"][row, slot]))
+        assert sorted(seen) == list(range(len(source)))
+        assert (iterator.stats["tokens_dropped"] > 0) == train
