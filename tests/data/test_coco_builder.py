@@ -353,14 +353,27 @@ def test_second_dataset_is_built_beside_the_first_under_its_own_name(built, coco
     assert len(tfds.data_source("tiny_coco", split="train", data_dir=data_dir)) == 5
 
 
-def test_sources_module_reads_the_dataset_when_present(built):
-    sources = pytest.importorskip("navit_seq.data.sources")
+def test_sources_data_source_reads_the_dataset_as_numpy(built):
+    from navit_seq.data import sources
+
     _, data_dir = built
-    reader = getattr(sources, "data_source", None) or getattr(sources, "make_source", None)
-    if reader is None:
-        pytest.skip("navit_seq.data.sources has no data_source/make_source yet")
-    source = reader("tiny_coco", split="train", data_dir=data_dir)
-    assert len(source) == 5
+    source = sources.data_source("tiny_coco", "train", data_dir)
+    by_id = {int(source[i]["image_id"]): source[i] for i in range(len(source))}
+    assert sorted(by_id) == [1, 2, 3, 7, 9]
+    assert by_id[3]["objects"]["bbox"].shape == (0, 4)  # no objects, fixed shapes
+    no_mask = list(by_id[7]["objects"]["id"]).index(108)
+    assert by_id[7]["objects"]["mask_rle"][no_mask] == b""
+    assert sources.class_names("tiny_coco", data_dir) == ["person", "dog", "bottle"]
+
+
+def test_tokenizer_is_trained_on_training_captions_and_class_names(built):
+    from navit_seq.data import sources, text
+
+    report, data_dir = built
+    assert report["sentencepiece_model"] == text.SENTENCEPIECE_FILENAME
+    tokenizer = text.Tokenizer(sources.sentencepiece_model("tiny_coco", data_dir))
+    for sentence in ["A person and a dog.", "bottle"]:
+        assert tokenizer.decode(tokenizer.encode(sentence)) == sentence
 
 
 # ---------------------------------------------------------------- bad input

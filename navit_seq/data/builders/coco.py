@@ -52,11 +52,15 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from navit_seq.data import text
 from navit_seq.data.features import NUM_KEYPOINTS, example_features
 
 ANNOTATION_KINDS = ("instances", "person_keypoints", "captions")
 DATASET_VERSION = "1.0.0"
 REPORT_FILE = "build_report.json"
+# SentencePiece pieces for captions: COCO's captions use ~10k distinct words; the vocabulary
+# shrinks by itself for smaller datasets.
+DEFAULT_VOCAB_SIZE = 8000
 # Each skip reason keeps this many example ids in the report, so a user can find the records.
 MAX_REPORTED_IDS = 20
 # Below this many square pixels a polygon encloses nothing (collinear or repeated points).
@@ -471,6 +475,11 @@ def load_split(coco_dir: str, split: str) -> SplitPlan:
             f"{shown}; the images of split {split} must be in {image_dir}/ (for COCO 2017, unzip "
             f"{split}.zip inside coco_dir)."
         )
+    if not images:
+        raise CocoFormatError(
+            f"split {split}: {', '.join(report.annotation_files)} list no images; add image "
+            "records under 'images' or remove the files."
+        )
     report.images = len(images)
     return SplitPlan(split, image_dir, images, dict(per_image), dict(captions), categories, report)
 
@@ -606,9 +615,11 @@ class CocoFormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         coco_dir: str,
         plans: Mapping[str, SplitPlan],
         categories: Sequence[Mapping[str, Any]],
+        vocab_size: int = DEFAULT_VOCAB_SIZE,
         **kwargs: Any,
     ):
         self._coco_dir = coco_dir
+        self._vocab_size = vocab_size
         self.plans = dict(plans)
         self._categories = sorted(categories, key=lambda c: c["id"])
         self._label_of = {c["id"]: index for index, c in enumerate(self._categories)}
@@ -634,9 +645,51 @@ class CocoFormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         for image_id in sorted(plan.images):
             yield image_id, example_for_image(plan, image_id, self._label_of, self._name_of)
 
+    def _download_and_prepare(self, dl_manager, download_config=None) -> None:
+        super()._download_and_prepare(dl_manager, download_config)
+        # Every split is written and self.data_dir is still TFDS's temporary folder, renamed
+        # into place after this returns: the tokenizer and the report land atomically with it.
+        sentences = tokenizer_sentences(self.plans, self._categories)
+        if sentences:
+            text.train_sentencepiece(
+                sentences,
+                os.path.join(self.data_dir, text.SENTENCEPIECE_FILENAME),
+                vocab_size=self._vocab_size,
+            )
+        report = {
+            "name": self.name,
+            "coco_dir": os.path.abspath(self._coco_dir),
+            "class_names": [c["name"] for c in self._categories],
+            "category_ids": [c["id"] for c in self._categories],
+            "sentencepiece_model": text.SENTENCEPIECE_FILENAME if sentences else None,
+            "splits": {split: plan.report.as_dict() for split, plan in self.plans.items()},
+        }
+        with open(os.path.join(self.data_dir, REPORT_FILE), "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def tokenizer_sentences(
+    plans: Mapping[str, SplitPlan], categories: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Text the dataset's SentencePiece model is trained on: the captions of the training
+    splits (names containing "train"; every split if none does) and the category names."""
+    train_splits = [split for split in plans if "train" in split] or list(plans)
+    captions = [
+        caption
+        for split in train_splits
+        for image_captions in plans[split].captions.values()
+        for caption in image_captions
+    ]
+    return captions + [c["name"] for c in categories]
+
 
 def coco_format_builder(
-    coco_dir: str, data_dir: str, *, name: str = "coco_format", splits: Sequence[str] | None = None
+    coco_dir: str,
+    data_dir: str,
+    *,
+    name: str = "coco_format",
+    splits: Sequence[str] | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> CocoFormatBuilder:
     """Validates the folder's splits and returns a builder whose dataset is called `name`."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
@@ -686,6 +739,7 @@ def coco_format_builder(
         coco_dir=coco_dir,
         plans=plans,
         categories=list(categories.values()),
+        vocab_size=vocab_size,
         data_dir=data_dir,
         file_format="array_record",  # random access for tfds.data_source + grain
     )
@@ -697,26 +751,26 @@ def build(
     *,
     name: str = "coco_format",
     splits: Sequence[str] | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> dict[str, Any]:
     """Builds the COCO-format folder as TFDS dataset `name` in `data_dir` (ArrayRecord).
 
     Returns the report (per split: images, annotations, captions, counted skips and
-    adjustments by reason), also written as `build_report.json` in the dataset's folder.
+    adjustments by reason), also written as `build_report.json` in the dataset's folder next
+    to the SentencePiece model trained on its text. An existing build is reused, not redone.
     """
-    builder = coco_format_builder(coco_dir, data_dir, name=name, splits=splits)
+    builder = coco_format_builder(
+        coco_dir, data_dir, name=name, splits=splits, vocab_size=vocab_size
+    )
+    already_built = builder.is_prepared()
+    if not already_built:
+        builder.download_and_prepare()
     report_path = os.path.join(builder.data_dir, REPORT_FILE)
-    if builder.is_prepared() and os.path.exists(report_path):
-        with open(report_path) as f:
-            return {**json.load(f), "already_built": True}
-    builder.download_and_prepare()
-    report = {
-        "name": name,
-        "coco_dir": os.path.abspath(coco_dir),
-        "dataset_dir": str(builder.data_dir),
-        "already_built": False,
-        "class_names": builder.info.features["objects"]["label"].names,
-        "splits": {split: plan.report.as_dict() for split, plan in builder.plans.items()},
-    }
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=2)
-    return report
+    if not os.path.exists(report_path):
+        raise CocoFormatError(
+            f"{builder.data_dir} holds a dataset {name!r} without {REPORT_FILE}; it was not "
+            "built by this builder. Delete that folder or choose another --name."
+        )
+    with open(report_path) as f:
+        report = json.load(f)
+    return {**report, "dataset_dir": str(builder.data_dir), "already_built": already_built}
