@@ -24,19 +24,22 @@ def per_example_softmax_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def masked_mean(values: jax.Array, example_valid: jax.Array) -> jax.Array:
-    """Mean of `values` [B, E] over valid examples; 0 when there are none.
-
-    The `where` (not a multiply) keeps NaN/inf of padding examples out of the result and of
-    the gradients.
-    """
+    """Mean of `values` [B, E] over valid examples; 0 when there are none."""
     total = jnp.where(example_valid, values, 0).sum()
     return total / jnp.maximum(example_valid.sum(), 1)
+
+
+def _valid_logits(logits: jax.Array, example_valid: jax.Array) -> jax.Array:
+    """Zeros the logits of padding examples *before* the loss: a `where` after it would still
+    send NaN gradients through whatever a padding slot holds."""
+    return jnp.where(example_valid[..., None], logits, 0)
 
 
 def sigmoid_cross_entropy(
     logits: jax.Array, labels: jax.Array, example_valid: jax.Array
 ) -> jax.Array:
     """Scalar: mean over valid examples of the per-example sigmoid cross-entropy."""
+    logits = _valid_logits(logits, example_valid)
     return masked_mean(per_example_sigmoid_xent(logits, labels), example_valid)
 
 
@@ -44,6 +47,7 @@ def softmax_cross_entropy(
     logits: jax.Array, labels: jax.Array, example_valid: jax.Array
 ) -> jax.Array:
     """Scalar: mean over valid examples of the per-example softmax cross-entropy."""
+    logits = _valid_logits(logits, example_valid)
     return masked_mean(per_example_softmax_xent(logits, labels), example_valid)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from navit_seq.models.attention import masked_attention
-from navit_seq.models.partitioning import constrain, param
+from navit_seq.models.partitioning import constrain, param, partitioned
 
 POOLINGS = ("map", "mean")
 
@@ -68,8 +68,11 @@ class MAPHead(nnx.Module):
         )
         self.out_bias = new(zeros, ("embed",), (width,)) if use_bias else None
         self.norm = nnx.LayerNorm(
-            width, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+            width, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
+            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+            rngs=rngs,
+        )  # fmt: skip
         self.mlp = mlp  # the encoder's MLP block type, [B, E, D] -> [B, E, D]
 
     def __call__(self, tokens: jax.Array, in_slot: jax.Array) -> jax.Array:
