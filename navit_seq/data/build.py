@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from navit_seq.data import sources
-from navit_seq.data.features import KEYPOINT_SKELETON
+# TensorFlow-heavy modules (sources, features, builders) are imported inside the functions that
+# use them: scene-drawing worker processes (multiprocessing spawn) re-import this module as
+# their __main__ and need none of them.
 
 SCENE_DEFAULTS = {
     "train_size": 10_000,
@@ -43,7 +44,7 @@ def build_scenes(data_dir: str | os.PathLike, num_workers: int | None = None, **
     `options` override SCENE_DEFAULTS (sizes, seed, side range, vocab size). A dataset already
     built there with other options is an error, never silently reused or overwritten.
     """
-    from navit_seq.data.builders import scenes  # TensorFlow-heavy: import on use
+    from navit_seq.data.builders import scenes
 
     unknown = sorted(set(options) - set(SCENE_DEFAULTS))
     if unknown:
@@ -84,6 +85,8 @@ def describe(example: dict[str, Any], names: Sequence[str]) -> str:
 
 def draw_annotations(example: dict[str, Any], names: Sequence[str]) -> Image.Image:
     """The image with masks tinted, polygons, boxes, class names and keypoints drawn."""
+    from navit_seq.data.features import KEYPOINT_SKELETON
+
     image = example["image"]
     height, width = image.shape[:2]
     scale = PICTURE_SIDE / max(height, width)
@@ -127,6 +130,8 @@ def print_sample(
     name: str, split: str, data_dir: str | os.PathLike, num: int, picture_path: str | None = None
 ) -> str:
     """Prints `num` examples of the dataset and saves their annotations drawn in one PNG."""
+    from navit_seq.data import sources
+
     source = sources.data_source(name, split, data_dir)
     names = sources.class_names(name, data_dir)
     pictures = []
@@ -177,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(json.load(f), indent=1))
         print(f"scene dataset in {dataset_dir} (tokenizer: {dataset_dir}/sentencepiece.model)")
     else:
-        from navit_seq.data.builders import coco  # TensorFlow-heavy: import on use
+        from navit_seq.data.builders import coco
 
         report = coco.build(args.coco_dir, args.data_dir, name=args.name)
         name, first_split = args.name, next(iter(report["splits"]))

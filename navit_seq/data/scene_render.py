@@ -12,6 +12,7 @@ from the annotations (it stays in the picture) and counted in `RenderedScene.num
 """
 
 import dataclasses
+import io
 import zlib
 from typing import Any, Literal
 
@@ -39,6 +40,10 @@ COLOURS = {
 COLOUR_NAMES = tuple(COLOURS)
 BACKGROUNDS = ("plain", "striped", "checkered", "mottled")
 PERSON_PROBABILITY = 0.2  # persons are over-sampled so keypoint tasks see enough of them
+JPEG_QUALITY = 95
+# Full-resolution colour (4:4:4): chroma subsampling smears the thin coloured limbs and stripes
+# (mean error 3.4 -> 1.2 grey levels, files 1.6x larger).
+JPEG_SUBSAMPLING = 0
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten")  # fmt: skip
 
@@ -147,6 +152,19 @@ def render_scene(
 
     example = _assemble(rng, spec, annotations, image, background_name, image_id)
     return RenderedScene(example=example, num_hidden=num_hidden)
+
+
+def render_record(task: tuple[int, str, int, SceneSpec, int]) -> tuple[int, dict, int]:
+    """(index, example with the image as JPEG bytes, hidden objects) for task
+    (seed, split, index, spec, image_id): what a dataset writer stores, made in a worker.
+    """
+    seed, split, index, spec, image_id = task
+    scene = render_scene(scene_rng(seed, split, index), spec, image_id)
+    jpeg = io.BytesIO()
+    Image.fromarray(scene.example["image"]).save(
+        jpeg, format="JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING
+    )
+    return index, {**scene.example, "image": jpeg.getvalue()}, scene.num_hidden
 
 
 # ----------------------------------------------------------------------------- sampling

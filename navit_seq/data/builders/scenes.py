@@ -10,14 +10,13 @@ SentencePiece model on the train captions and phrases and stores it, with a buil
 """
 
 import dataclasses
-import io
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 from typing import Any
 
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from navit_seq.data import scene_render, text
 from navit_seq.data.features import example_features
@@ -28,21 +27,6 @@ SPLITS = ("train", "validation", "heldout")
 IMAGE_ID_STRIDE = 10_000_000
 # Below this many examples a split is drawn in-process: a worker pool costs more to start.
 MIN_EXAMPLES_FOR_POOL = 256
-JPEG_QUALITY = 95
-
-
-def render_record(task: tuple[int, str, int, scene_render.SceneSpec]) -> tuple[int, dict, int]:
-    """(index, TFDS-ready example with a JPEG-encoded image, hidden objects) of one scene.
-
-    Top-level and TensorFlow-free so that pool workers can run it.
-    """
-    seed, split, index, spec = task
-    image_id = SPLITS.index(split) * IMAGE_ID_STRIDE + index
-    scene = scene_render.render_scene(scene_render.scene_rng(seed, split, index), spec, image_id)
-    example = scene.example
-    jpeg = io.BytesIO()
-    Image.fromarray(example["image"]).save(jpeg, format="JPEG", quality=JPEG_QUALITY)
-    return index, {**example, "image": jpeg.getvalue()}, scene.num_hidden
 
 
 class Scenes(tfds.core.GeneratorBasedBuilder):
@@ -82,6 +66,7 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
         self._train_text: list[str] = []
         self._hidden_counts: dict[str, int] = {}
         self._object_counts: dict[str, int] = {}
+        self._pool: multiprocessing.pool.Pool | None = None
         kwargs.setdefault("file_format", "array_record")  # random access for tfds.data_source
         super().__init__(**kwargs)
 
@@ -110,15 +95,24 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str):
         combos = "heldout" if split == "heldout" else "seen"
         spec = dataclasses.replace(self.spec, combos=combos)
-        tasks = [(self.seed, split, index, spec) for index in range(self.sizes[split])]
+        first_id = SPLITS.index(split) * IMAGE_ID_STRIDE
+        tasks = [
+            (self.seed, split, index, spec, first_id + index) for index in range(self.sizes[split])
+        ]
         self._hidden_counts[split] = self._object_counts[split] = 0
         if self.num_workers > 1 and len(tasks) >= MIN_EXAMPLES_FOR_POOL:
-            # spawn: the parent has TensorFlow's threads running, which fork does not copy safely.
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(self.num_workers) as pool:
-                yield from self._keyed(split, pool.imap(render_record, tasks, chunksize=32))
+            records = self._worker_pool().imap(scene_render.render_record, tasks, chunksize=32)
         else:
-            yield from self._keyed(split, map(render_record, tasks))
+            records = map(scene_render.render_record, tasks)
+        yield from self._keyed(split, records)
+
+    def _worker_pool(self) -> multiprocessing.pool.Pool:
+        """One pool for all splits, closed when preparation ends."""
+        if self._pool is None:
+            # spawn: the parent runs TensorFlow's threads, which fork does not copy safely.
+            # Workers import only scene_render (numpy, PIL, pycocotools, contourpy).
+            self._pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+        return self._pool
 
     def _keyed(self, split: str, records):
         for index, example, num_hidden in records:
@@ -129,7 +123,12 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
             yield index, example
 
     def _download_and_prepare(self, dl_manager, download_config=None) -> None:
-        super()._download_and_prepare(dl_manager, download_config)
+        try:
+            super()._download_and_prepare(dl_manager, download_config)
+        finally:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
         # Every split is written; self.data_dir is still TFDS's temporary directory, which it
         # renames into place only after this returns, so these files land atomically too.
         text.train_sentencepiece(
