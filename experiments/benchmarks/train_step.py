@@ -1,0 +1,495 @@
+"""One training step of the NaViT classifier on a shared workload, against the peer NaViT.
+
+Measures, in one invocation and on the same images:
+- the packed step: forward + backward + AdamW of navit_seq's NaViT classifier (sigmoid CE,
+  MAP head) on the workload's images packed into [B, seq_len] sequences, jitted;
+- the fixed-length step: the same model and shapes with one unmasked segment per row, so
+  packed_step_s / fixed_len_step_s is the cost of packing;
+- the peer step: lucidrains' vit-pytorch NaViT (same width/depth/heads/mlp/patch, AdamW,
+  grouping by max_seq_len = seq_len) on CPU torch;
+- the fp32 matmul peak of this machine, to turn FLOP/s into model-FLOPs utilisation.
+
+    python experiments/benchmarks/train_step.py --workload ../shared/bench/navit_s16_train.json
+
+Prints a human-readable summary, then one JSON line of results last.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from navit_seq.data import packing, patches
+from navit_seq.losses import classification as losses
+from navit_seq.models import classifier, navit, pooling
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flops as flop_count  # noqa: E402
+
+Batch = dict[str, np.ndarray]
+Forward = Callable[[nnx.Module, Batch], jax.Array]  # (model, batch) -> logits [B, E, C]
+LEARNING_RATE = 1e-3  # any value: the benchmark times the update, it does not train
+WEIGHT_DECAY = 1e-4
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The shared workload file: model sizes, sequence shape and the image sizes (H, W)."""
+
+    patch_size: int
+    channels: int
+    seq_len: int
+    max_examples_per_seq: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    num_classes: int
+    seed: int
+    image_sizes: tuple[tuple[int, int], ...]
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+    @property
+    def tokens_per_image(self) -> list[int]:
+        p = self.patch_size
+        return [(h // p) * (w // p) for h, w in self.image_sizes]
+
+
+def load_workload(path: Path) -> Workload:
+    """Reads and checks a workload JSON (see ../shared/bench/navit_s16_train.json)."""
+    spec = json.loads(Path(path).read_text())
+    for key, expected in (("optimizer", "adamw"), ("dtype", "float32")):
+        if spec.get(key, expected) != expected:
+            raise ValueError(
+                f"workload {path}: {key}={spec[key]!r} is not supported; this benchmark runs "
+                f"{key}={expected!r}. Change the workload or extend the benchmark."
+            )
+    model = spec["model"]
+    workload = Workload(
+        patch_size=spec["patch_size"],
+        channels=spec["channels"],
+        seq_len=spec["seq_len"],
+        max_examples_per_seq=spec["max_examples_per_seq"],
+        width=model["width"],
+        depth=model["depth"],
+        num_heads=model["num_heads"],
+        mlp_dim=model["mlp_dim"],
+        num_classes=model["num_classes"],
+        seed=spec.get("seed", 0),
+        image_sizes=tuple((int(h), int(w)) for h, w in spec["images"]),
+    )
+    p = workload.patch_size
+    for h, w in workload.image_sizes:
+        if h % p or w % p:
+            raise ValueError(
+                f"workload {path}: image size {(h, w)} is not a multiple of patch_size={p}; "
+                "list sizes already resized to whole patches."
+            )
+        if (h // p) * (w // p) > workload.seq_len:
+            raise ValueError(
+                f"workload {path}: image size {(h, w)} has {(h // p) * (w // p)} patches, more "
+                f"than seq_len={workload.seq_len}; shrink the image or raise seq_len."
+            )
+    if "real_tokens" in spec and spec["real_tokens"] != sum(workload.tokens_per_image):
+        raise ValueError(
+            f"workload {path}: real_tokens={spec['real_tokens']} but the image sizes give "
+            f"{sum(workload.tokens_per_image)} patches; fix one of them."
+        )
+    return workload
+
+
+def random_images(workload: Workload) -> list[np.ndarray]:
+    """Random uint8 pixels [H, W, C] at the workload's sizes (content does not change cost)."""
+    rng = np.random.default_rng(workload.seed)
+    return [
+        rng.integers(0, 256, size=(h, w, workload.channels), dtype=np.uint8)
+        for h, w in workload.image_sizes
+    ]
+
+
+def random_labels(workload: Workload) -> np.ndarray:
+    """One class per image, as multi-hot float32 targets [num_images, num_classes]."""
+    rng = np.random.default_rng(workload.seed + 1)
+    classes = rng.integers(0, workload.num_classes, size=len(workload.image_sizes))
+    return np.eye(workload.num_classes, dtype=np.float32)[classes]
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def per_image_elements(
+    images: list[np.ndarray], labels: np.ndarray, patch_size: int
+) -> list[dict[str, Any]]:
+    """Each image as the pipeline's per-image element (docs/architecture.md section 2)."""
+    elements = []
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        image_patches, patch_coords, image_grid = patches.patchify(image, patch_size)
+        size = np.asarray(image.shape[:2], np.int32)
+        elements.append(
+            {
+                "patches": image_patches,  # [N, P*P*C]
+                "patch_coords": patch_coords,  # [N, 2]
+                "image_grid": image_grid,
+                "image_size": size,
+                "original_size": size,
+                "example_id": index,
+                "task_id": 0,
+                "targets": {"labels": label},
+                "stream_index": index,
+                "counts": {},
+            }
+        )
+    return elements
+
+
+def pack_workload(images: list[np.ndarray], labels: np.ndarray, workload: Workload) -> Batch:
+    """All images in one batch of the fewest rows navit_seq's first-fit packer needs."""
+    elements = per_image_elements(images, labels, workload.patch_size)
+    rows = -(-sum(workload.tokens_per_image) // workload.seq_len)  # ceil: no fewer can work
+    while True:
+        packer = packing.PackIterDataset(
+            grain.MapDataset.source(elements).to_iter_dataset(),
+            elements.__getitem__,
+            batch_size=rows,
+            seq_len=workload.seq_len,
+            max_examples_per_seq=workload.max_examples_per_seq,
+            buffer_size=len(elements),
+            patch_dim=workload.patch_dim,
+            target_spec={"labels": ((workload.num_classes,), np.float32)},
+        )
+        batch = next(iter(packer))
+        if batch["example_valid"].sum() == len(elements):
+            return {**model_inputs(batch), "labels": batch["targets"]["labels"]}
+        rows += 1
+
+
+def model_inputs(batch: Batch) -> Batch:
+    """The packed-batch arrays the classifier reads."""
+    keys = ("patches", "segment_ids", "patch_coords", "image_grid", "example_valid")
+    return {key: batch[key] for key in keys}
+
+
+def fixed_length_batch(packed: Batch) -> Batch:
+    """Same [B, L] shapes as `packed` with one full-length image per row: the ViT baseline.
+
+    Each row is a (L / cols) x cols grid of real patches in slot 0; the step on it runs the
+    model with attention unmasked (see `unmasked_logits`).
+    """
+    rows, length = packed["segment_ids"].shape
+    cols = int(np.sqrt(length))
+    while length % cols:
+        cols -= 1
+    grid = np.stack(np.divmod(np.arange(length, dtype=np.int32), cols), -1)  # [L, 2]
+    batch = {key: np.zeros_like(value) for key, value in packed.items()}
+    batch["patches"] = packed["patches"]  # pixel values do not change the cost
+    batch["segment_ids"][:] = 1
+    batch["patch_coords"][:] = grid
+    batch["image_grid"][:, 0] = (length // cols, cols)
+    batch["example_valid"][:, 0] = True
+    batch["labels"][:, 0] = packed["labels"][:, 0]
+    return batch
+
+
+# ----------------------------------------------------------------------------- navit_seq step
+
+
+def build_classifier(workload: Workload, *, seed: int) -> classifier.Classifier:
+    """navit_seq's Classifier (paper defaults: qk-norm, no biases, MAP head) at these sizes."""
+    config = navit.default_model_config()
+    config.width = workload.width
+    config.depth = workload.depth
+    config.num_heads = workload.num_heads
+    config.mlp_dim = workload.mlp_dim
+    config.num_classes = workload.num_classes
+    config.patch_size = workload.patch_size
+    config.num_channels = workload.channels
+    return classifier.Classifier(config, rngs=nnx.Rngs(seed))
+
+
+def packed_logits(model: classifier.Classifier, batch: Batch) -> jax.Array:
+    """The classifier as training runs it: segment-masked attention over packed rows."""
+    return model(batch, deterministic=True)["logits"]
+
+
+def unmasked_logits(model: classifier.Classifier, batch: Batch) -> jax.Array:
+    """The same modules and parameters as a plain ViT: no attention mask at all.
+
+    Mirrors NaViT.__call__ with the mask replaced by a compile-time constant True, which XLA
+    folds away, so this step is what an unpacked fixed-length ViT costs.
+    """
+    encoder = model.encoder
+    pixels = batch["patches"].astype(jnp.float32) / 127.5 - 1.0  # [B, L, P*P*C]
+    x = encoder.patch_embed(pixels)  # [B, L, D]
+    x = x + encoder.posemb(batch["patch_coords"], batch["segment_ids"], batch["image_grid"])
+    attend_everywhere = jnp.ones((1, 1, 1, 1), bool)  # broadcasts to [B, H, L, L]
+    for block in encoder.blocks:
+        x = block(x, attend_everywhere, deterministic=True)
+    tokens = encoder.final_norm(x)  # [B, L, D]
+    in_slot = pooling.slot_token_mask(batch["segment_ids"], batch["example_valid"].shape[1])
+    return model.head(encoder.map_head(tokens, in_slot))  # [B, E, C]
+
+
+def make_train_step(model: nnx.Module, forward: Forward) -> tuple[Callable, tuple]:
+    """A jitted pure step (params, opt_state, batch) -> (params, opt_state, loss) + its state."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its params; keep the model's
+    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+    def loss_fn(params, batch):
+        logits = forward(nnx.merge(graphdef, params, rest), batch)  # [B, E, C]
+        return losses.sigmoid_cross_entropy(logits, batch["labels"], batch["example_valid"])
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step, (params, optimizer.init(params))
+
+
+def time_jax_step(
+    model: nnx.Module, forward: Forward, batch: Batch, *, warmup: int, steps: int
+) -> tuple[float, jax.stages.Compiled]:
+    """Median seconds per step over `steps` timed steps after `warmup`, and the compiled step."""
+    train_step, (params, opt_state) = make_train_step(model, forward)
+    device_batch = jax.device_put(batch)
+    compiled = train_step.lower(params, opt_state, device_batch).compile()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        params, opt_state, loss = compiled(params, opt_state, device_batch)
+        jax.block_until_ready((params, opt_state, loss))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    if not np.isfinite(float(loss)):
+        raise RuntimeError(f"the training step produced a non-finite loss: {float(loss)}")
+    return statistics.median(times), compiled
+
+
+def xla_flops(compiled: jax.stages.Compiled) -> float | None:
+    """FLOPs XLA's cost model assigns to the compiled step (None where it gives none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def matmul_peak_flops(size: int, repeats: int) -> float:
+    """Best FLOP/s of a jitted fp32 [size, size] @ [size, size] matmul: the machine's peak."""
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (size, size), jnp.float32)
+    b = jax.random.normal(key_b, (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = min(_seconds(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- peer step
+
+
+def import_peer_navit() -> ModuleType:
+    """lucidrains' vit_pytorch.na_vit, loaded from its file.
+
+    `import vit_pytorch` runs the package __init__, which imports torchvision (for DINO & co);
+    the torchvision wheel pip pairs with CPU torch here is a CUDA build whose operators fail to
+    register. na_vit.py itself imports only torch and einops, so it is loaded on its own.
+    """
+    spec = importlib.util.find_spec("vit_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "vit-pytorch is not installed: `.venv/bin/pip install -e '.[bench]'`, or pass "
+            "--skip-peer."
+        )
+    path = Path(spec.submodule_search_locations[0]) / "na_vit.py"
+    module_spec = importlib.util.spec_from_file_location("peer_na_vit", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def time_peer_step(
+    images: list[np.ndarray],
+    labels: np.ndarray,
+    workload: Workload,
+    *,
+    warmup: int,
+    steps: int,
+    threads: int,
+) -> float:
+    """Median seconds per AdamW step of vit-pytorch's NaViT on the same images and labels."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(workload.seed)
+    na_vit = import_peer_navit()
+    largest = max(max(h, w) for h, w in workload.image_sizes)
+    model = na_vit.NaViT(
+        image_size=largest,  # sizes its positional tables; images may be any size up to it
+        patch_size=workload.patch_size,
+        num_classes=workload.num_classes,
+        dim=workload.width,
+        depth=workload.depth,
+        heads=workload.num_heads,
+        dim_head=workload.width // workload.num_heads,
+        mlp_dim=workload.mlp_dim,
+        channels=workload.channels,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    # Pixels normalized as navit_seq does (x / 127.5 - 1), channels first as the peer expects.
+    peer_images = [
+        torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
+        for image in images
+    ]
+    targets = torch.from_numpy(labels)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(peer_images, group_images=True, group_max_seq_len=workload.seq_len)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, targets, reduction="sum"
+        ) / len(peer_images)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--workload",
+        type=Path,
+        default=Path(__file__).resolve().parents[3] / "shared/bench/navit_s16_train.json",
+        help="workload JSON (model sizes, seq_len, image sizes)",
+    )
+    parser.add_argument("--steps", type=int, default=5, help="timed navit_seq steps (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--peer-steps", type=int, default=3, help="timed peer steps (median)")
+    parser.add_argument("--peer-warmup", type=int, default=1)
+    parser.add_argument("--peer-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--skip-peer", action="store_true", help="do not run vit-pytorch")
+    parser.add_argument("--peak-size", type=int, default=4096, help="matmul side for the peak")
+    parser.add_argument("--peak-repeats", type=int, default=5)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every measurement and returns the results dict (the JSON line)."""
+    workload = load_workload(args.workload)
+    images, labels = random_images(workload), random_labels(workload)
+    packed = pack_workload(images, labels, workload)
+    fixed = fixed_length_batch(packed)
+    rows, seq_len = packed["segment_ids"].shape
+    real_tokens = int((packed["segment_ids"] > 0).sum())
+    num_images = int(packed["example_valid"].sum())
+    if num_images != len(images):
+        raise RuntimeError(f"packing kept {num_images} of {len(images)} images")
+
+    model = build_classifier(workload, seed=workload.seed)
+    timing = {"warmup": args.warmup, "steps": args.steps}
+    packed_step_s, compiled = time_jax_step(model, packed_logits, packed, **timing)
+    fixed_step_s, _ = time_jax_step(model, unmasked_logits, fixed, **timing)
+    peer_step_s = None
+    if not args.skip_peer:
+        peer_step_s = time_peer_step(
+            images,
+            labels,
+            workload,
+            warmup=args.peer_warmup,
+            steps=args.peer_steps,
+            threads=args.peer_threads,
+        )
+    peak = matmul_peak_flops(args.peak_size, args.peak_repeats)
+
+    shape = flop_count.ModelShape(
+        workload.width, workload.depth, workload.mlp_dim, workload.num_classes, workload.patch_dim
+    )
+    step_flops = flop_count.packed_step_flops(shape, rows, seq_len, workload.max_examples_per_seq)
+    useful_flops = flop_count.useful_step_flops(shape, workload.tokens_per_image)
+    results = {
+        "workload": str(args.workload),
+        "rows": rows,
+        "seq_len": seq_len,
+        "images": num_images,
+        "real_tokens": real_tokens,
+        "padding_fraction": 1 - real_tokens / (rows * seq_len),
+        "packed_step_s": packed_step_s,
+        "fixed_len_step_s": fixed_step_s,
+        "packing_cost": packed_step_s / fixed_step_s,
+        "images_per_s": num_images / packed_step_s,
+        "tokens_per_s": real_tokens / packed_step_s,
+        "peer_step_s": peer_step_s,
+        "peer_tokens_per_s": real_tokens / peer_step_s if peer_step_s else None,
+        "peer_images_per_s": num_images / peer_step_s if peer_step_s else None,
+        "speedup_vs_peer": peer_step_s / packed_step_s if peer_step_s else None,
+        "step_flops": step_flops,
+        "useful_step_flops": useful_flops,
+        "xla_step_flops": xla_flops(compiled),
+        "achieved_flops": step_flops / packed_step_s,
+        "matmul_peak_flops": peak,
+        "mfu": step_flops / packed_step_s / peak,
+        "useful_mfu": useful_flops / packed_step_s / peak,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    return results
+
+
+def print_results(results: dict[str, Any]) -> None:
+    """One readable line per figure, then the whole dict as one JSON line (last)."""
+    for key, value in results.items():
+        print(f"{key:>20}: {value:.4g}" if isinstance(value, float) else f"{key:>20}: {value}")
+    print(json.dumps(results))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    results = run(parse_args(argv))
+    print_results(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
