@@ -171,3 +171,11 @@ def test_command_line_builds_then_reports_where_it_wrote(scenes_data_dir, capsys
     with pytest.raises(SystemExit) as help_exit:
         build.main(["--help"])
     assert help_exit.value.code == 0
+
+
+def test_a_split_of_size_zero_is_left_out(tmp_path):
+    options = {**BUILD_OPTIONS, "train_size": 2, "validation_size": 0, "heldout_size": 0}
+    build.build_scenes(tmp_path, num_workers=1, **options)
+    assert len(sources.data_source("scenes", "train", tmp_path)) == 2
+    with pytest.raises(ValueError, match=r"its splits are \['train'\]"):
+        sources.data_source("scenes", "validation", tmp_path)

@@ -64,8 +64,8 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
         self.vocab_size = vocab_size
         self.num_workers = num_workers or min(2, os.cpu_count() or 1)
         self._train_text: list[str] = []
-        self._hidden_counts: dict[str, int] = {}
-        self._object_counts: dict[str, int] = {}
+        self._hidden_counts = dict.fromkeys(SPLITS, 0)
+        self._object_counts = dict.fromkeys(SPLITS, 0)
         self._pool: multiprocessing.pool.Pool | None = None
         kwargs.setdefault("file_format", "array_record")  # random access for tfds.data_source
         super().__init__(**kwargs)
@@ -90,7 +90,8 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # nothing to download
-        return {split: self._generate_examples(split) for split in SPLITS}
+        # TFDS cannot write an empty split: a size of 0 leaves the split out.
+        return {split: self._generate_examples(split) for split in SPLITS if self.sizes[split]}
 
     def _generate_examples(self, split: str):
         combos = "heldout" if split == "heldout" else "seen"
@@ -99,7 +100,6 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
         tasks = [
             (self.seed, split, index, spec, first_id + index) for index in range(self.sizes[split])
         ]
-        self._hidden_counts[split] = self._object_counts[split] = 0
         if self.num_workers > 1 and len(tasks) >= MIN_EXAMPLES_FOR_POOL:
             records = self._worker_pool().imap(scene_render.render_record, tasks, chunksize=32)
         else:
