@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -176,11 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "scenes":
         options = {option: getattr(args, option) for option in SCENE_DEFAULTS}
+        start = time.perf_counter()
         dataset_dir = build_scenes(args.data_dir, num_workers=args.num_workers, **options)
+        seconds = time.perf_counter() - start
         name, first_split = "scenes", "train"
         with open(os.path.join(dataset_dir, "build_report.json")) as f:
             print(json.dumps(json.load(f), indent=1))
         print(f"scene dataset in {dataset_dir} (tokenizer: {dataset_dir}/sentencepiece.model)")
+        print(f"ready after {seconds:.1f} s (a dataset already built is reused, not redrawn)")
     else:
         from navit_seq.data.builders import coco
 
