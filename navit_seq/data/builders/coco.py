@@ -13,14 +13,18 @@ listed only in the captions file, have no objects). Image files are stored as th
 re-encoding) unless their pixel mode is not RGB/greyscale; those are converted to RGB PNG
 (lossless) and counted under `adjusted/reencoded_image`. Classes are the union of the
 categories of every split, labelled 0.. in category-id order; `category_id` keeps the id.
+`<data_dir>/<name>/1.0.0/` also holds `build_report.json` and `sentencepiece.model`
+(trained on the training splits' captions and the class names). Read it with
+`tfds.data_source(name, data_dir=...)` or `navit_seq.data.sources.data_source`.
 
 Bad input, decided per case (the report returned by `build` lists every count):
 - Error (`CocoFormatError`, naming the file and the image or annotation id): unreadable or
   malformed JSON, missing required field, duplicate id, annotation for an unknown image or
   category, NaN/inf anywhere in a number, a category name used twice, a keypoint category
-  without 17 keypoints, an RLE whose size is not the image's, a missing image file (all
-  checked before anything is written), a corrupt image or one whose size differs from the
-  JSON (checked while writing; TFDS then leaves no dataset behind).
+  without 17 keypoints, an RLE whose size or run lengths do not fit the image, a split
+  with no images, a missing image file (all checked before anything is written), a corrupt
+  image or one whose size differs from the JSON (checked while writing; TFDS then leaves no
+  dataset behind).
 - Counted skip (the annotation or polygon is dropped, the image is kept):
   `degenerate_polygon` (< 3 points, odd coordinate count, or zero area: the polygon is
   dropped), `no_valid_polygon` (every polygon of the annotation was degenerate: annotation
