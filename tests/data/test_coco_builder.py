@@ -470,6 +470,11 @@ def _set_annotation(annotation_id, **fields):
             _set_annotation(201, segmentation={"size": [30, 40], "counts": "abc"}),
             r"annotation id 201 \(image id 5\) has RLE runs summing to",
         ),
+        (
+            "instances_val.json",
+            lambda c: c.update(images=[], annotations=[]),
+            r"split val: .*instances_val.json list no images",
+        ),
     ],
     ids=[
         "unknown_image",
@@ -485,6 +490,7 @@ def _set_annotation(annotation_id, **fields):
         "box_not_numbers",
         "negative_image_size",
         "compressed_rle_wrong_length",
+        "split_without_images",
     ],
 )
 def test_bad_annotation_raises_naming_file_and_record(
@@ -512,6 +518,7 @@ def test_corrupt_image_raises_naming_file_and_image_id(coco_dir, tmp_path):
         f.write(head)  # truncated JPEG
     with pytest.raises(coco.CocoFormatError, match=r"v.jpg \(image id 5\) is not a readable"):
         coco.build(copy, str(tmp_path / "tfds"), name="bad", splits=["val"])
+    assert not os.path.exists(tmp_path / "tfds" / "bad" / coco.DATASET_VERSION)  # nothing kept
 
 
 def test_image_size_disagreeing_with_json_raises(coco_dir, tmp_path):
