@@ -30,6 +30,15 @@ SCENE_DEFAULTS = {
     "max_side": 640,
     "vocab_size": 512,
 }
+SCENE_HELP = {
+    "train_size": "scenes in split train",
+    "validation_size": "scenes in split validation (seen colour-shape combinations)",
+    "heldout_size": "scenes in split heldout (only combinations train never shows)",
+    "seed": "every scene is drawn from (seed, split, index)",
+    "min_side": "smallest image side in pixels",
+    "max_side": "largest image side in pixels",
+    "vocab_size": "SentencePiece vocabulary size (at most; small corpora give fewer)",
+}
 PICTURE_SIDE = 320  # each example is drawn with its long side scaled to this many pixels
 PICTURES_PER_ROW = 4
 # Distinct outline colours for annotations (not the scene palette, so they stand out).
@@ -156,20 +165,31 @@ def print_sample(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m navit_seq.data.build", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    scenes = commands.add_parser("scenes", help="draw the bundled scene dataset (no download)")
+    defaults_shown = argparse.ArgumentDefaultsHelpFormatter
+    scenes = commands.add_parser(
+        "scenes",
+        help="draw the bundled scene dataset (no download)",
+        formatter_class=defaults_shown,
+    )
     scenes.add_argument("--data-dir", required=True, help="TFDS data directory to write into")
     for option, default in SCENE_DEFAULTS.items():
-        scenes.add_argument(f"--{option.replace('_', '-')}", type=int, default=default)
+        scenes.add_argument(
+            f"--{option.replace('_', '-')}", type=int, default=default, help=SCENE_HELP[option]
+        )
     scenes.add_argument(
-        "--num-workers", type=int, default=None, help="processes drawing scenes (default: 2)"
+        "--num-workers", type=int, default=None, help="processes drawing scenes (None: up to 2)"
     )
-    coco = commands.add_parser("coco", help="convert a local COCO-format folder")
+    coco = commands.add_parser(
+        "coco", help="convert a local COCO-format folder", formatter_class=defaults_shown
+    )
     coco.add_argument("--coco-dir", required=True, help="folder with images and annotations/")
     coco.add_argument("--data-dir", required=True, help="TFDS data directory to write into")
     coco.add_argument("--name", default="coco_format", help="TFDS dataset name to give it")
     for command in (scenes, coco):
-        command.add_argument("--show", type=int, default=0, metavar="N", help="print N examples")
-        command.add_argument("--show-split", default=None, help="split to show (default: first)")
+        command.add_argument(
+            "--show", type=int, default=0, metavar="N", help="print N examples, save a picture"
+        )
+        command.add_argument("--show-split", default=None, help="split to show (None: the first)")
     return parser
 
 
