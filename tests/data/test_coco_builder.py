@@ -475,6 +475,11 @@ def _set_annotation(annotation_id, **fields):
             lambda c: c.update(images=[], annotations=[]),
             r"split val: .*instances_val.json list no images",
         ),
+        (
+            "instances_train.json",
+            _set_annotation(107, segmentation=[[50, float("nan"), 60, 50, 60, 60]]),
+            r"annotation id 107 \(image id 2\) segmentation contains NaN",
+        ),
     ],
     ids=[
         "unknown_image",
@@ -491,6 +496,7 @@ def _set_annotation(annotation_id, **fields):
         "negative_image_size",
         "compressed_rle_wrong_length",
         "split_without_images",
+        "nan_in_an_otherwise_skipped_annotation",
     ],
 )
 def test_bad_annotation_raises_naming_file_and_record(

@@ -243,13 +243,23 @@ def _clean_annotation(
 ) -> dict[str, Any] | None:
     """The annotation with its box clipped and degenerate polygons removed, or None if skipped.
 
-    Raises for malformed or non-finite fields; counts every skip and adjustment in `report`.
+    Raises for malformed or non-finite fields (also of annotations then skipped); counts every
+    skip and adjustment in `report`.
     """
     annotation_id = annotation["id"]
     what = f"annotation id {annotation_id} (image id {image['id']})"
     bbox = _require(annotation, "bbox", path, what, (list,))
     if len(bbox) != 4:
         raise CocoFormatError(f"{path}: {what} has bbox={bbox}; expected [x, y, width, height].")
+    segmentation = annotation.get("segmentation", [])
+    rle = _check_segmentation(segmentation, image, path, what)
+    is_crowd = annotation.get("iscrowd", 0)
+    if is_crowd not in (0, 1, True, False):
+        raise CocoFormatError(f"{path}: {what} has iscrowd={is_crowd!r}; expected 0 or 1.")
+    area = annotation.get("area")
+    if area is not None:
+        _require(annotation, "area", path, what, (int, float))
+
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
         report.count("skipped", "degenerate_box", annotation_id)
@@ -262,52 +272,48 @@ def _clean_annotation(
     if (x0, y0, x1, y1) != (x, y, x + w, y + h):
         report.count("adjusted", "box_clipped", annotation_id)
 
-    segmentation = annotation.get("segmentation", [])
-    polygons: list[list[float]] = []
-    rle = None
-    if isinstance(segmentation, dict):
-        rle = _check_rle(segmentation, image, path, what)
-    elif isinstance(segmentation, list):
-        for polygon in segmentation:
-            if not isinstance(polygon, list):
-                raise CocoFormatError(
-                    f"{path}: {what} has a polygon {str(polygon)[:80]}; expected a flat list "
-                    "[x0, y0, x1, y1, ...] of numbers."
-                )
-            _check_finite(polygon, path, f"{what} segmentation")
-            # Fewer than 3 points is not a polygon (and pycocotools would read a 4-number
-            # polygon as a box): drop it, counted.
-            if len(polygon) < 6 or len(polygon) % 2 or _polygon_area(polygon) < MIN_POLYGON_AREA:
-                report.count("skipped", "degenerate_polygon", annotation_id)
-                continue
-            polygons.append(polygon)
-        if segmentation and not polygons:
-            report.count("skipped", "no_valid_polygon", annotation_id)
-            return None
-        if not segmentation:
-            report.count("adjusted", "no_segmentation", annotation_id)
-    else:
-        raise CocoFormatError(
-            f"{path}: {what} has segmentation of type {type(segmentation).__name__}; expected "
-            "a list of polygons or an RLE dict."
-        )
-
-    is_crowd = annotation.get("iscrowd", 0)
-    if is_crowd not in (0, 1, True, False):
-        raise CocoFormatError(f"{path}: {what} has iscrowd={is_crowd!r}; expected 0 or 1.")
-    area = annotation.get("area")
-    if area is not None:
-        _require(annotation, "area", path, what, (int, float))
+    polygons = []
+    for polygon in segmentation if rle is None else []:
+        # Fewer than 3 points is not a polygon (and pycocotools would read a 4-number
+        # polygon as a box): drop it, counted.
+        if len(polygon) < 6 or len(polygon) % 2 or _polygon_area(polygon) < MIN_POLYGON_AREA:
+            report.count("skipped", "degenerate_polygon", annotation_id)
+            continue
+        polygons.append(polygon)
+    if rle is None and segmentation and not polygons:
+        report.count("skipped", "no_valid_polygon", annotation_id)
+        return None
+    if rle is None and not segmentation:
+        report.count("adjusted", "no_segmentation", annotation_id)
     return {
         "id": annotation_id,
+        "image_id": image["id"],
         "category_id": annotation["category_id"],
         "box_xyxy": (x0, y0, x1, y1),
         "polygons": polygons,
         "rle": rle,
         "is_crowd": bool(is_crowd),
         "area": area,
-        "image_id": image["id"],
     }
+
+
+def _check_segmentation(segmentation: Any, image: dict, path: str, what: str) -> dict | None:
+    """Raises for a malformed segmentation; returns it if it is an RLE, None for polygons."""
+    if isinstance(segmentation, dict):
+        return _check_rle(segmentation, image, path, what)
+    if not isinstance(segmentation, list):
+        raise CocoFormatError(
+            f"{path}: {what} has segmentation of type {type(segmentation).__name__}; expected "
+            "a list of polygons or an RLE dict."
+        )
+    for polygon in segmentation:
+        if not isinstance(polygon, list):
+            raise CocoFormatError(
+                f"{path}: {what} has a polygon {str(polygon)[:80]}; expected a flat list "
+                "[x0, y0, x1, y1, ...] of numbers."
+            )
+        _check_finite(polygon, path, f"{what} segmentation")
+    return None
 
 
 def _check_rle(segmentation: dict, image: dict, path: str, what: str) -> dict:
@@ -318,14 +324,12 @@ def _check_rle(segmentation: dict, image: dict, path: str, what: str) -> dict:
             f"{path}: {what} has an RLE of size {size} but the image is "
             f"[{image['height']}, {image['width']}]; re-encode the mask at the image's size."
         )
-    if (
-        not isinstance(counts, list | str)
-        or isinstance(counts, list)
-        and not all(isinstance(c, int) and c >= 0 for c in counts)
+    if not isinstance(counts, str) and not (
+        isinstance(counts, list) and set(map(type, counts)) <= {int}
     ):
         raise CocoFormatError(
-            f"{path}: {what} has RLE counts that are neither a list of non-negative ints nor a "
-            "compressed string."
+            f"{path}: {what} has RLE counts that are neither a list of ints nor a compressed "
+            "string."
         )
     runs = counts if isinstance(counts, list) else _compressed_rle_runs(counts)
     if min(runs, default=0) < 0 or sum(runs) != image["height"] * image["width"]:
