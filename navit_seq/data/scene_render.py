@@ -1,7 +1,8 @@
 """Procedural scenes with every annotation kind (boxes, masks, polygons, keypoints, captions).
 
-Pure numpy/PIL (no TensorFlow), so multiprocessing workers stay light. One call to
-`render_scene` draws one scene from its own RNG and returns it in the `features.py` structure.
+numpy, PIL, contourpy and pycocotools only (no TensorFlow), so worker processes stay light.
+One call to `render_scene` draws one scene from its own RNG and returns it in the `features.py`
+structure.
 
 Geometry convention: continuous pixel coordinates where pixel (i, j) covers [i, i+1) x [j, j+1)
 (COCO's convention); stored coordinates are these divided by the image's height / width.
