@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 REQUIRED_FIELDS = (
@@ -32,6 +33,7 @@ CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )  # fmt: skip
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+STEP = flags.DEFINE_integer("step", None, "evaluate/export: checkpoint step (default: latest).")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -64,16 +66,19 @@ def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str]) -> 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with an unknown config key reported as one clear line."""
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"FATAL Flags parsing error: {error}\nPass --help to see the flags.")
-    except (AttributeError, KeyError) as error:
+        remaining = flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError) as error:
         spec = next(
             (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"),
             next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None),
         )
         reason = unknown_override(load_config_file(spec), argv) if spec else None
-        sys.exit(f"FATAL config error: {reason or error}. Fix or remove the override.")
+        if reason:
+            sys.exit(f"FATAL config error: {reason}. Fix or remove the override.")
+        sys.exit(f"FATAL flags error: {error}\nPass --help to see the flags.")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every file at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    return remaining
 
 
 def validated_config() -> ml_collections.ConfigDict:

@@ -10,14 +10,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
-from absl import flags  # noqa: E402
 
 from navit_seq import config_utils, sharding  # noqa: E402
 from navit_seq.main import objective_for  # noqa: E402
 from navit_seq.train import checkpoint as checkpoint_lib  # noqa: E402
 from navit_seq.train import loop  # noqa: E402
-
-STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 
 
 def main(argv: list[str]) -> None:
@@ -29,7 +26,7 @@ def main(argv: list[str]) -> None:
     objective = objective_for(config)
     trainer = loop.Trainer(config, objective)
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", every_steps=0)
-    step, state = checkpointer.restore_state(STEP.value, trainer.abstract_state)
+    step, state = checkpointer.restore_state(config_utils.STEP.value, trainer.abstract_state)
     metrics = trainer.evaluate(state, objective.eval_iterator())
     checkpointer.close()
     results = {"step": step, "split": config.data.get("eval_split", "eval"), "metrics": metrics}

@@ -21,7 +21,6 @@ from flax import nnx  # noqa: E402
 from navit_seq import config_utils, sharding  # noqa: E402
 from navit_seq.train import checkpoint as checkpoint_lib  # noqa: E402
 
-STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                           "Cast floating parameters to this dtype (default: keep).")  # fmt: skip
 EMA = flags.DEFINE_bool("ema", False, "Export the EMA parameters (the recipe must keep them).")
@@ -81,7 +80,7 @@ def main(argv: list[str]) -> None:
     workdir = config_utils.required_workdir()
     trainer = loop.Trainer(config, objective_for(config))
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", every_steps=0)
-    step, state = checkpointer.restore_state(STEP.value, trainer.abstract_state)
+    step, state = checkpointer.restore_state(config_utils.STEP.value, trainer.abstract_state)
     checkpointer.close()
     if EMA.value and state.ema_params is None:
         raise SystemExit("--ema: this run kept no EMA (config.optimizer.ema_decay is 0).")

@@ -83,7 +83,9 @@ def toy_train_dataset(seed: int = 0, sleep_s: float = 0.0, **batch_kwargs):
         time.sleep(sleep_s)
         return synthetic_batch(np.random.default_rng(seed + index), **batch_kwargs)
 
-    return grain.MapDataset.range(10_000).map(make).to_iter_dataset()
+    # One reader thread and a one-batch prefetch, so `sleep_s` really paces the stream.
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+    return grain.MapDataset.range(10_000).map(make).to_iter_dataset(read)
 
 
 def toy_objective(config):
