@@ -210,3 +210,27 @@ def test_export_restores_cast_parameters_without_optimizer_state(trained, parsed
     for got, trained in zip(jax.tree.leaves(exported), jax.tree.leaves(state.params), strict=True):
         assert got.dtype == jax.numpy.bfloat16
         np.testing.assert_array_equal(np.asarray(got), np.asarray(trained.astype(got.dtype)))
+
+
+@pytest.mark.parametrize(
+    "recipe", ["configs/quickstart.py", "configs/navit_b16_pretrain.py",
+               "configs/pix2seq_v2_multitask.py"],
+)  # fmt: skip
+def test_every_recipe_has_the_contract_fields_and_valid_mesh_rules(recipe):
+    from navit_seq import sharding
+
+    config = config_utils.load_config_file(str(REPO / recipe))
+    assert all(field in config for field in config_utils.REQUIRED_FIELDS)
+    assert config.model.patch_size == config.data.patch_size
+    sharding.logical_rules(config.mesh)  # raises on unknown logical or mesh axes
+    assert config.optimizer.schedule.decay_steps == config.num_train_steps
+
+
+def test_paper_scale_recipes_refuse_to_run_here():
+    result = subprocess.run(
+        [sys.executable, "-c", "from navit_seq import config_utils as c; "
+         "c.run(lambda argv: c.validated_config())", "--config",
+         "configs/navit_b16_pretrain.py"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0 and "not runnable on this machine" in result.stderr

@@ -1,0 +1,82 @@
+"""NaViT-B/16 classification pretraining, paper-scale (Dehghani et al. 2023, arXiv 2307.06304).
+
+NOT RUNNABLE HERE: written for a TPU/GPU pod (JFT-scale data, thousands of images per step).
+It documents the paper's hyper-parameters in this codebase's config system; `runnable_here`
+stops `navit_seq.main` on a workstation. On a pod (see README "multi-host"):
+    python -m navit_seq.main --config configs/navit_b16_pretrain.py --workdir gs://.../run \\
+        --config.runnable_here=True --config.data.name=<your TFDS dataset>
+Values marked (paper) come from the paper; (assumed) are standard big_vision ViT-B/16 choices
+the paper does not state in the digest this project works from.
+"""
+
+import ml_collections
+
+from navit_seq.data.pipeline import default_data_config
+from navit_seq.models.navit import default_model_config
+from navit_seq.sharding import default_mesh_config
+from navit_seq.train.optimizer import default_optimizer_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.runnable_here = False  # a TPU/GPU pod recipe: see the module docstring
+    config.trainer = "classification"
+    config.loss = "sigmoid_xent"  # (paper) sigmoid cross-entropy, JFT multi-label
+    config.seed = 0
+    config.num_train_steps = ml_collections.FieldReference(500_000)  # (assumed)
+    config.log_every_steps = 100
+    config.eval_every_steps = 5_000
+    config.checkpoint_every_steps = 2_000
+    config.keep_checkpoints = 3
+    config.keep_checkpoint_every_steps = 50_000
+    config.profile_steps = 5
+    config.log_batch_fingerprint = False
+
+    patch_size = 16
+    config.data = default_data_config()
+    config.data.name = "jft"  # not public: set --config.data.name to a TFDS dataset you have
+    config.data.data_dir = "gs://your-bucket/tensorflow_datasets"
+    config.data.patch_size = patch_size
+    config.data.seq_len = 256  # (paper) Table 2: L = 256 holds ~4.9 images at B/16
+    config.data.batch_size = 4096  # (assumed) global rows of 256 tokens
+    config.data.max_examples_per_seq = 8  # head-room over the ~4.9 images per row
+    config.data.pack_buffer_size = 256
+    config.data.resolution.kind = "uniform_side"  # (paper) side ~ U(64, 256)
+    config.data.resolution.min_side = 64
+    config.data.resolution.max_side = 256
+    config.data.eval_max_tokens = 256  # (paper) 256 tokens at inference is within 0.3% of best
+    config.data.num_workers = 16
+    config.data.token_drop.kind = "none"  # token dropping is an ablation; see token_drop.py
+    config.data.task = dict(name="classification", num_classes=0)  # 0: from the dataset
+
+    config.model = default_model_config()
+    config.model.variant = "B"  # ViT-B: width 768, depth 12, 12 heads, MLP 3072
+    config.model.patch_size = patch_size
+    config.model.qk_norm = True  # (paper) query-key normalization
+    config.model.use_bias = False  # (paper) no biases
+    config.model.pooling = "map"  # (paper) attention pooling head
+    config.model.posemb.kind = "factorized"  # (paper) factorized, summed, learned
+    config.model.posemb.combine = "sum"
+    config.model.posemb.embedding = "learned"
+    config.model.num_classes = 0  # the dataset's
+    config.model.head_bias_init = -10.0  # (assumed) big_vision's prior for sigmoid over 30k classes
+    config.model.dtype = "bfloat16"  # activations; parameters stay float32
+
+    config.optimizer = default_optimizer_config()
+    config.optimizer.learning_rate = 8e-4  # (paper) peak
+    config.optimizer.b1, config.optimizer.b2 = 0.9, 0.999  # (assumed)
+    # (paper) weight decay 3.0 on the head, 0.03 on the body (optax: multiplied by the lr).
+    config.optimizer.weight_decay = ((r"head/.*", 3.0), (r".*", 0.03))
+    config.optimizer.grad_clip_norm = 1.0  # (assumed)
+    config.optimizer.schedule.kind = "rsqrt"  # (paper) reciprocal square root
+    config.optimizer.schedule.warmup_steps = 10_000  # (assumed)
+    config.optimizer.schedule.timescale = 10_000  # (assumed)
+    config.optimizer.schedule.cooldown_steps = 50_000  # (assumed) linear cooldown at the end
+    config.optimizer.schedule.decay_steps = config.get_ref("num_train_steps")
+
+    # A TPU v4-256 slice (128 chips): 16-way FSDP shards width and optimizer state, the rest
+    # is data parallel. ViT-B fits without tensor parallelism.
+    config.mesh = default_mesh_config()
+    config.mesh.shape = (-1, 16, 1)
+    return config
