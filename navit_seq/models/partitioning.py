@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta
 from flax.core import spmd as core_spmd
-from jax.sharding import PartitionSpec
+
+from navit_seq.sharding import logical_to_mesh_spec
 
 LogicalNames = Sequence[str | None]
 
@@ -24,31 +25,15 @@ def partitioned(initializer: Callable, names: LogicalNames) -> Callable:
     )
 
 
-def logical_to_mesh_spec(names: LogicalNames) -> PartitionSpec:
-    """Maps logical names to mesh axes with the active rules; unmapped names are replicated.
-
-    A mesh axis is used at most once per spec (first dimension wins), as GSPMD requires.
-    """
-    rules = dict(core_spmd.get_logical_axis_rules())
-    used: set[str] = set()
-    spec = []
-    for name in names:
-        mesh_axes = rules.get(name) if name is not None else None
-        axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        if not axes or used.intersection(axes):
-            spec.append(None)
-            continue
-        used.update(axes)
-        spec.append(axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*spec)
-
-
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
-    """Annotates activation `x` with logical axis `names`; a no-op without a mesh and rules."""
+    """Annotates activation `x` with logical axis `names`; a no-op without a mesh and rules.
+
+    Unmapped names and mesh axes that do not divide a dimension leave it replicated.
+    """
     mesh = meta.get_global_mesh()
     if mesh is None or not core_spmd.get_logical_axis_rules():
         return x
-    spec = logical_to_mesh_spec(names)
+    spec = logical_to_mesh_spec(names, core_spmd.get_logical_axis_rules(), x.shape, mesh)
     if mesh.are_all_axes_explicit:
         return jax.sharding.reshard(x, spec)
     return jax.lax.with_sharding_constraint(x, spec)
