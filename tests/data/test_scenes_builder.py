@@ -68,6 +68,11 @@ def test_stored_examples_equal_the_rendered_scenes(scenes_data_dir):
             assert error < 4
             assert list(record["objects"]["mask_rle"]) == list(expected["objects"]["mask_rle"])
             np.testing.assert_array_equal(record["objects"]["bbox"], expected["objects"]["bbox"])
+            np.testing.assert_array_equal(
+                record["objects"]["keypoints"], expected["objects"]["keypoints"]
+            )
+            np.testing.assert_array_equal(record["polygon_points"], expected["polygon_points"])
+            np.testing.assert_array_equal(record["polygon_sizes"], expected["polygon_sizes"])
             assert list(record["captions"]) == expected["captions"]
 
 
