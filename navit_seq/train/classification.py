@@ -79,7 +79,8 @@ def resolve_num_classes(config: ml_collections.ConfigDict) -> None:
         from navit_seq.data import sources  # TFDS import only when a dataset is read
 
         with config.unlocked():
-            task.num_classes = sources.num_classes(config.data.name, data_dir=config.data.data_dir)
+            names = sources.class_names(config.data.name, data_dir=config.data.data_dir)
+            task.num_classes = len(names)
     if not config.model.get("num_classes") or config.model.num_classes <= 0:
         with config.unlocked():
             config.model.num_classes = task.num_classes

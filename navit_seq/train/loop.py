@@ -243,13 +243,25 @@ class Trainer:
             return self._compiled_train_step(state, batch)
 
     def evaluate(self, state: state_lib.TrainState, batches: Iterable[Batch]) -> dict[str, float]:
+        """Metrics of one pass over `batches` (the eval iterator is closed afterwards)."""
         total = None
-        with self.context():
-            for local_batch in batches:
-                total = merge_metrics(total, self._eval_step(state, self.global_batch(local_batch)))
+        iterator = iter(batches)
+        try:
+            with self.context():
+                for local_batch in iterator:
+                    batch = self.global_batch(local_batch)
+                    total = merge_metrics(total, self._eval_step(state, batch))
+        finally:
+            close_iterator(iterator)
         if total is None:
             raise ValueError("The evaluation split yielded no batches; check config.data.")
         return compute_metrics(total)
+
+
+def close_iterator(iterator: Any) -> None:
+    """Stops a grain iterator's worker processes now rather than at interpreter exit."""
+    if hasattr(iterator, "close"):
+        iterator.close()
 
 
 class _MeshContext:
@@ -333,7 +345,7 @@ def train_and_evaluate(
                 timed_steps += 1
             for hook in hooks:
                 hook(step)
-            if step % config.log_every_steps == 0 or step == num_steps:
+            if is_due(step, config.log_every_steps, num_steps):
                 elapsed = time.perf_counter() - window_start
                 scalars = compute_metrics(window)
                 if config.get("log_batch_fingerprint", False):
@@ -348,17 +360,23 @@ def train_and_evaluate(
             if stopping:
                 print(f"Preempted: saved {checkpointer.path(step)}; exiting.", flush=True)
                 break
-            if config.eval_every_steps and (
-                step % config.eval_every_steps == 0 or step == num_steps
-            ):
+            if is_due(step, config.eval_every_steps, num_steps):
+                eval_started = time.perf_counter()
                 eval_scalars = trainer.evaluate(state, objective.eval_iterator())
                 logger.write(step, "eval", eval_scalars)
                 print(f"step {step} eval: {_fmt(eval_scalars)}", flush=True)
+                window_start += time.perf_counter() - eval_started  # rates count training only
     finally:
+        close_iterator(train_iter)
         checkpointer.close()  # waits for the last asynchronous save
         logger.flush()
         preemption.uninstall()
     return last_scalars
+
+
+def is_due(step: int, every_steps: int, last_step: int) -> bool:
+    """A periodic action runs every `every_steps` steps (0 = never) and at the last step."""
+    return every_steps > 0 and (step % every_steps == 0 or step == last_step)
 
 
 def batch_fingerprint(batch: Batch) -> float:

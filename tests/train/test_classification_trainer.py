@@ -72,3 +72,53 @@ def test_model_and_dataset_class_counts_must_agree():
     )  # fmt: skip
     with pytest.raises(ValueError, match="model.num_classes=10 but the dataset's"):
         classification.resolve_num_classes(config)
+
+
+@pytest.fixture(scope="module")
+def scenes_recipe(scenes_data_dir):
+    """The quickstart recipe, 3 steps, on the session's tiny scene dataset (no grain workers)."""
+    from navit_seq import config_utils
+
+    config = config_utils.load_config_file("configs/quickstart.py:steps=3")
+    config.data.data_dir = scenes_data_dir
+    config.data.num_workers = 0
+    config.data.batch_size = 8
+    config.log_every_steps = 1
+    config.eval_every_steps = 3
+    config.checkpoint_every_steps = 3
+    return config
+
+
+def logged_losses(workdir, split):
+    import json
+
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == split]
+
+
+def train_scenes(recipe, workdir, mesh_shape, num_devices):
+    """(train losses, eval losses) of the recipe trained in-process on `mesh_shape`."""
+    config = ml_collections.ConfigDict(recipe.to_dict())
+    config.mesh.shape, config.mesh.num_devices = mesh_shape, num_devices
+    loop.train_and_evaluate(config, workdir, classification.objective(config))
+    return logged_losses(workdir, "train"), logged_losses(workdir, "eval")
+
+
+@pytest.fixture(scope="module")
+def single_device_scenes_run(scenes_recipe, tmp_path_factory):
+    return train_scenes(scenes_recipe, tmp_path_factory.mktemp("scenes"), (1, 1, 1), 1)
+
+
+def test_quickstart_recipe_trains_and_evaluates_on_the_scene_dataset(single_device_scenes_run):
+    train_losses, eval_losses = single_device_scenes_run
+    assert len(train_losses) == 3 and len(eval_losses) == 1
+    assert np.all(np.isfinite(train_losses + eval_losses))
+
+
+@pytest.mark.slow
+def test_quickstart_on_scenes_gives_equal_losses_on_one_device_and_a_2x2x2_mesh(
+    scenes_recipe, single_device_scenes_run, tmp_path
+):
+    train_losses, eval_losses = train_scenes(scenes_recipe, tmp_path, (2, 2, 2), -1)
+    np.testing.assert_allclose(train_losses, single_device_scenes_run[0], rtol=1e-5)
+    np.testing.assert_allclose(eval_losses, single_device_scenes_run[1], rtol=1e-5)
