@@ -43,6 +43,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             "worker_buffer_size": 64,  # per-image elements each worker prefetches
             "resolution": resolution.default_resolution_config(),
             "eval_max_tokens": 256,  # evaluation: largest size with at most this many tokens
+            # Longest image side in patches (0: no limit); keep <= model.posemb.max_len so a
+            # learned position table is never indexed out of range.
+            "max_grid_side": 64,
             "token_drop": token_drop.default_token_drop_config(),
             "task": {"name": "classification", "num_classes": 0},  # 0: read from the source
         }
@@ -67,6 +70,11 @@ def validate_data_config(config: ml_collections.ConfigDict, process_count: int =
         raise ValueError(
             f"data.max_examples_per_seq={config.max_examples_per_seq}, data.seq_len="
             f"{config.seq_len}; both must be at least 1."
+        )
+    if config.max_grid_side < 0:
+        raise ValueError(
+            f"data.max_grid_side={config.max_grid_side}; use 0 (no limit) or the model's "
+            "model.posemb.max_len."
         )
     if not 0 < config.eval_max_tokens <= config.seq_len:
         raise ValueError(
@@ -93,6 +101,7 @@ class PrepareImage(grain.transforms.RandomMap):
         resolution_config: ml_collections.ConfigDict,
         patch_size: int,
         max_tokens: int,
+        max_grid_side: int,
         training: bool,
     ):
         self.task = task
@@ -100,6 +109,7 @@ class PrepareImage(grain.transforms.RandomMap):
         self.resolution_config = resolution_config
         self.patch_size = patch_size
         self.max_tokens = max_tokens
+        self.max_grid_side = max_grid_side
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, Any]:
         example_id = int(element["example_id"])
@@ -109,7 +119,13 @@ class PrepareImage(grain.transforms.RandomMap):
         counts.update(task_counts)
         height, width = image.shape[:2]
         rows, cols, size_counts = resolution.sample_grid(
-            self.resolution_config, height, width, self.patch_size, self.max_tokens, rng
+            self.resolution_config,
+            height,
+            width,
+            self.patch_size,
+            self.max_tokens,
+            rng,
+            max_grid_side=self.max_grid_side,
         )
         counts.update(size_counts)
         image = resolution.resize_image(image, rows * self.patch_size, cols * self.patch_size)
@@ -151,7 +167,14 @@ def per_image_dataset(
         resolution_config = ml_collections.ConfigDict({**config.resolution, "kind": "token_budget"})
         max_tokens = config.eval_max_tokens
     return ds.random_map(
-        PrepareImage(task, resolution_config, config.patch_size, max_tokens, training=train)
+        PrepareImage(
+            task,
+            resolution_config,
+            config.patch_size,
+            max_tokens,
+            config.max_grid_side,
+            training=train,
+        )
     )
 
 

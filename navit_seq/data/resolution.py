@@ -14,8 +14,9 @@ Samplers (`config.kind`):
   the same range; `mean` and `std` are then in pixels^2.
 - `token_budget`: the largest grid with rows * cols <= max_tokens (evaluation).
 - `native`: the stored size, rounded to whole patches.
-Any grid with more than `max_tokens` patches is shrunk to the budget (counted as
-`examples_resized`): no image is ever too large for an empty sequence.
+Any grid with more than `max_tokens` patches, or a side longer than `max_grid_side` patches (the
+model's position table), is shrunk to fit (counted as `examples_resized`): no image is ever too
+large for an empty sequence or for the position embedding.
 """
 
 import ml_collections
@@ -70,13 +71,15 @@ def grid_for_scale(
 
 
 def fit_to_token_budget(
-    height: int, width: int, patch_size: int, max_tokens: int
+    height: int, width: int, patch_size: int, max_tokens: int, max_grid_side: int = 0
 ) -> tuple[int, int]:
-    """The largest aspect-preserving grid with rows * cols <= max_tokens."""
+    """The largest aspect-preserving grid with rows * cols <= max_tokens and both sides at most
+    `max_grid_side` patches (0: no limit)."""
     longer = max(height, width)
-    # Candidate scales put the longer side at g patches, g = max_tokens..1; rows * cols grows
-    # with g, so the first that fits is the largest.
-    longer_patches = np.arange(max_tokens, 0, -1)  # [max_tokens]
+    # Candidate scales put the longer side at g patches, g = max..1; rows * cols grows with g,
+    # so the first that fits is the largest.
+    largest = min(max_tokens, max_grid_side) if max_grid_side > 0 else max_tokens
+    longer_patches = np.arange(largest, 0, -1)  # [largest]
     rows, cols = grid_for_scale(height, width, longer_patches * patch_size / longer, patch_size)
     fits = np.flatnonzero(rows * cols <= max_tokens)
     return int(rows[fits[0]]), int(cols[fits[0]])
@@ -89,13 +92,17 @@ def sample_grid(
     patch_size: int,
     max_tokens: int,
     rng: np.random.Generator,
+    max_grid_side: int = 0,
 ) -> tuple[int, int, dict[str, int]]:
-    """The patch grid an image of (height, width) is resized to, and what had to be adjusted."""
+    """The patch grid an image of (height, width) is resized to, and what had to be adjusted.
+
+    `max_grid_side` > 0 caps each side in patches (e.g. at the learned position table's size).
+    """
     kind = config.kind
     lo, hi = float(config.min_side), float(config.max_side)
     counts = {"examples_resized": 0, "thin_images_stretched": 0}
     if kind == "token_budget":
-        rows, cols = fit_to_token_budget(height, width, patch_size, max_tokens)
+        rows, cols = fit_to_token_budget(height, width, patch_size, max_tokens, max_grid_side)
     elif kind == "native":
         scale = 1.0
     elif kind == "uniform_side":
@@ -111,8 +118,9 @@ def sample_grid(
         raise ValueError(f"data.resolution.kind={kind!r}; use one of {SAMPLERS}.")
     if kind != "token_budget":
         rows, cols = (int(x) for x in grid_for_scale(height, width, scale, patch_size))
-        if rows * cols > max_tokens:
-            rows, cols = fit_to_token_budget(height, width, patch_size, max_tokens)
+        too_long = max_grid_side > 0 and max(rows, cols) > max_grid_side
+        if rows * cols > max_tokens or too_long:
+            rows, cols = fit_to_token_budget(height, width, patch_size, max_tokens, max_grid_side)
             counts["examples_resized"] = 1
     # The shorter side would have rounded to zero patches at this scale: stretched to one.
     counts["thin_images_stretched"] = int(

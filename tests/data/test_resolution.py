@@ -117,3 +117,13 @@ def test_annotations_outside_the_image_are_clipped_and_counted():
 def test_unknown_sampler_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match="uniform_side"):
         resolution.validate_resolution_config(sampler("bogus"))
+
+
+@pytest.mark.parametrize("kind", ["token_budget", "native"])
+def test_long_side_is_capped_at_max_grid_side_and_counted(kind):
+    rng = np.random.default_rng(0)
+    rows, cols, counts = resolution.sample_grid(
+        sampler(kind), 48, 640, PATCH, 64, rng, max_grid_side=16
+    )
+    assert (rows, cols) == (1, 16)
+    assert counts["examples_resized"] == (kind == "native")
