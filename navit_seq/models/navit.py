@@ -52,7 +52,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             "posemb": default_posemb_config(),
             "qk_norm": True,  # NaViT: query-key normalization
             "use_bias": False,  # NaViT: no biases in dense layers and norms
-            "pooling": "map",  # "map" (attention pooling) or "mean"
+            "pooling": "map",  # "map" (attention pooling), "mean", or "none" (pooled = 0)
             "attention_impl": "xla",
             "dropout": 0.0,
             "num_classes": 1000,  # used by the Classifier only
@@ -78,10 +78,19 @@ def dtype_of(name: str) -> jnp.dtype:
 
 
 class MLP(nnx.Module):
-    """Two dense layers with GELU; dropout after each when not deterministic."""
+    """Dense -> GELU -> dropout (only when not deterministic) -> dense."""
 
-    def __init__(self, width: int, mlp_dim: int, *, use_bias: bool, dropout: float, dtype,
-                 param_dtype, rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        width: int,
+        mlp_dim: int,
+        *,
+        use_bias: bool,
+        dropout: float,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
         dense = lambda d_in, d_out, names: nnx.Linear(
             d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
             kernel_init=partitioned(nnx.initializers.xavier_uniform(), names),
@@ -93,7 +102,8 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        hidden = jax.nn.gelu(self.fc1(x))  # [..., mlp_dim]
+        """x [B, L or E, D] -> [B, L or E, D]."""
+        hidden = jax.nn.gelu(self.fc1(x))  # [B, L or E, mlp_dim]
         hidden = constrain(hidden, ("act_batch", "act_len", "act_mlp")[-hidden.ndim :])
         hidden = self.dropout(hidden, deterministic=deterministic)
         return self.fc2(hidden)
@@ -102,8 +112,9 @@ class MLP(nnx.Module):
 class EncoderBlock(nnx.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, sizes: Mapping[str, int], config: ml_collections.ConfigDict, *,
-                 rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self, sizes: Mapping[str, int], config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+    ):
         dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
         width = sizes["width"]
         norm = lambda: nnx.LayerNorm(

@@ -177,6 +177,21 @@ def test_preset_parameter_count_matches_standard_vit(variant):
     assert count == TIMM_COUNTS[variant] - 2 * preset(variant)["width"]
 
 
+@pytest.mark.parametrize("variant", ("S", "B"))
+def test_paper_default_encoder_parameter_count_matches_formula(variant):
+    """Counted: NaViT defaults (no biases, qk-norm, factorized learned posemb, MAP head), no
+    classifier head."""
+    config = default_model_config()
+    config.update(dict(variant=variant, pooling="map"))
+    d, m, depth, heads = (preset(variant)[k] for k in ("width", "mlp_dim", "depth", "num_heads"))
+    per_block = 2 * d + 4 * d * d + 2 * (d // heads) + 2 * d * m  # 2 LN, qkv+out, qk-norm, MLP
+    map_head = d + 4 * d * d + d + 2 * d * m  # probe, q+kv+out, LN, MLP
+    posemb = 2 * config.posemb.max_len * d
+    expected = 16 * 16 * 3 * d + posemb + depth * per_block + d + map_head
+    abstract = nnx.eval_shape(lambda: NaViT(config, rngs=nnx.Rngs(0)))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == expected
+
+
 def test_presets_have_head_dims_that_divide_width():
     assert set(PRESETS) == {"Ti", "S", "B", "L", "H", "g"}
     assert all(p["width"] % p["num_heads"] == 0 for p in PRESETS.values())
