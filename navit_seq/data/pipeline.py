@@ -144,6 +144,11 @@ class PrepareImage(grain.transforms.RandomMap):
         }
 
 
+def host_seed(seed: int, process_index: int) -> int:
+    """Seed of one host's shuffle, resolution draws and token drops: independent across hosts."""
+    return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+
+
 def per_image_dataset(
     source: Sequence[dict],
     config: ml_collections.ConfigDict,
@@ -154,9 +159,9 @@ def per_image_dataset(
 ) -> grain.MapDataset:
     """Random-access dataset of per-image elements for this host (also used to restore state)."""
     task = tasks.get_task(config.task)
-    ds = grain.MapDataset.source(source).seed(config.seed)
+    ds = grain.MapDataset.source(source)
     ds = ds.map_with_index(AddIndex("example_id"))  # the record's index in the whole source
-    ds = ds[process_index::process_count]
+    ds = ds[process_index::process_count].seed(host_seed(config.seed, process_index))
     if train and config.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(config.num_epochs if train else 1)
@@ -222,5 +227,5 @@ def make_dataset(
         target_spec=task.target_spec(),
         packing=config.packing,
         token_drop_config=config.token_drop if train else None,
-        seed=config.seed,
+        seed=host_seed(config.seed, process_index),
     )
