@@ -165,10 +165,11 @@ def main(argv: Sequence[str]) -> None:
     if first is not None:
         draw_rows(first, config.patch_size, _ROWS_SHOWN.value, picture)
     mode = "eval" if _EVAL.value else "train"
+    resolution_kind = "token_budget" if _EVAL.value else config.resolution.kind
     print(f"source: {source_name} ({len(source)} examples), mode: {mode}")
     print(
         f"L={config.seq_len} B={config.batch_size} E_max={config.max_examples_per_seq} "
-        f"patch={config.patch_size} resolution={config.resolution.kind} "
+        f"patch={config.patch_size} resolution={resolution_kind} "
         f"token_drop={config.token_drop.kind} workers={config.num_workers}"
     )
     for key, value in summary.items():
@@ -180,7 +181,7 @@ def main(argv: Sequence[str]) -> None:
         "batch_size": config.batch_size,
         "patch_size": config.patch_size,
         "max_examples_per_seq": config.max_examples_per_seq,
-        "resolution": config.resolution.kind,
+        "resolution": resolution_kind,
         "num_workers": config.num_workers,
         **summary,
     }
