@@ -235,3 +235,18 @@ def test_training_drops_tokens_but_evaluation_never_does(source):
             assert len(positions) == np.prod(batch["image_grid"][row, slot])
     assert evaluation.stats["tokens_dropped"] == 0
     assert evaluation.stats["examples_packed"] == NUM_IMAGES
+
+
+def test_drop_rate_follows_the_schedule_at_each_batch_index(source):
+    config = small_config()
+    config.token_drop.update(kind="constant")
+    config.token_drop.schedule.update(
+        kind="sigmoid", rho_min=0.2, rho_max=0.8, mid_step=2, temperature=0.01
+    )
+    iterator = iter(pipeline.make_dataset(source, config, train=True))
+    for step in range(5):
+        batch = next(iterator)
+        rate = (0.8, 0.8, 0.5, 0.2, 0.2)[step]  # a step-like decreasing schedule
+        for row, slot, positions in segments(batch):
+            grid_tokens = int(np.prod(batch["image_grid"][row, slot]))
+            assert len(positions) == token_drop.num_tokens_kept(grid_tokens, rate)
