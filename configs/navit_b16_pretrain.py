@@ -13,7 +13,7 @@ import ml_collections
 
 from navit_seq.data.pipeline import default_data_config
 from navit_seq.models.navit import default_model_config
-from navit_seq.sharding import default_mesh_config
+from navit_seq.sharding import default_distributed_config, default_mesh_config
 from navit_seq.train.optimizer import default_optimizer_config
 
 
@@ -79,4 +79,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # is data parallel. ViT-B fits without tensor parallelism.
     config.mesh = default_mesh_config()
     config.mesh.shape = (-1, 16, 1)
+    config.distributed = default_distributed_config()  # multi-host: usually auto-detected
     return config

@@ -10,7 +10,7 @@ import ml_collections
 
 from navit_seq.data.pipeline import default_data_config
 from navit_seq.models.navit import default_model_config
-from navit_seq.sharding import default_mesh_config
+from navit_seq.sharding import default_distributed_config, default_mesh_config
 from navit_seq.train.optimizer import default_optimizer_config
 
 
@@ -71,4 +71,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A TPU v4-128 slice (64 chips): 8-way FSDP, 2-way tensor parallel for the 35k vocabulary.
     config.mesh = default_mesh_config()
     config.mesh.shape = (-1, 8, 2)
+    config.distributed = default_distributed_config()  # multi-host: usually auto-detected
     return config

@@ -9,7 +9,7 @@ import ml_collections
 
 from navit_seq.data.pipeline import default_data_config
 from navit_seq.models.navit import default_model_config
-from navit_seq.sharding import default_mesh_config
+from navit_seq.sharding import default_distributed_config, default_mesh_config
 from navit_seq.train.optimizer import default_optimizer_config
 
 
@@ -64,4 +64,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.schedule.decay_steps = config.get_ref("num_train_steps")
 
     config.mesh = default_mesh_config()  # all local devices on `data`
+    config.distributed = default_distributed_config()  # multi-host: usually auto-detected
     return config

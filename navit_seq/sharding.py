@@ -226,6 +226,18 @@ def describe_shardings(tree: Any) -> dict[str, str]:
     }
 
 
+def default_distributed_config() -> ml_collections.ConfigDict:
+    """`config.distributed`: set only to launch multi-host by hand (else auto-detected)."""
+    placeholder = ml_collections.config_dict.placeholder
+    return ml_collections.ConfigDict(
+        dict(
+            coordinator_address=placeholder(str),  # "host:port" of process 0
+            num_processes=placeholder(int),
+            process_id=placeholder(int),
+        )
+    )
+
+
 def default_mesh_config() -> ml_collections.ConfigDict:
     """`config.mesh` every recipe starts from: all devices on `data`, GSPMD-style rules.
 

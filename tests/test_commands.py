@@ -234,3 +234,20 @@ def test_paper_scale_recipes_refuse_to_run_here():
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode != 0 and "not runnable on this machine" in result.stderr
+
+
+def test_diverging_run_stops_with_a_message_naming_the_last_good_checkpoint(tmp_path):
+    from navit_seq.train.metrics import NonFiniteError
+
+    config = toy_recipe.get_config("steps=6")
+    # Step 1 runs at lr 0 (warmup start) and is checkpointed; step 2's update overflows.
+    config.optimizer.learning_rate = 1e38
+    config.optimizer.schedule.warmup_steps = 2
+    config.optimizer.grad_clip_norm = 0.0
+    config.checkpoint_every_steps = 1
+    with pytest.raises(NonFiniteError, match="Non-finite metrics at step 2") as error:
+        loop.train_and_evaluate(config, tmp_path, toy.toy_objective(config))
+    assert f"last good checkpoint is {tmp_path.absolute() / 'checkpoints' / '1'}" in str(
+        error.value
+    )
+    assert checkpoint_lib.Checkpointer(tmp_path / "checkpoints", every_steps=0).latest_step() == 1

@@ -350,7 +350,8 @@ def train_and_evaluate(
                 scalars = compute_metrics(window)
                 if config.get("log_batch_fingerprint", False):
                     scalars["batch_fingerprint"] = batch_fingerprint(local_batch)
-                last_scalars = _log_train(logger, step, scalars, elapsed, timed_steps, last_saved)
+                last_good = checkpointer.path(last_saved) if last_saved is not None else None
+                last_scalars = _log_train(logger, step, scalars, elapsed, timed_steps, last_good)
                 window, window_start, timed_steps = None, time.perf_counter(), 0
             stopping = preemption.is_set()
             if checkpointer.should_save(step) or stopping or step == num_steps:
@@ -387,13 +388,12 @@ def batch_fingerprint(batch: Batch) -> float:
     return float(crc)
 
 
-def _log_train(logger, step, scalars, elapsed, timed_steps, last_saved) -> dict[str, float]:
+def _log_train(logger, step, scalars, elapsed, timed_steps, last_good) -> dict[str, float]:
     if timed_steps:
         scalars["step_time_s"] = elapsed / timed_steps
         scalars["images_per_s"] = scalars["images_per_step"] * timed_steps / elapsed
         scalars["tokens_per_s"] = scalars["tokens_per_step"] * timed_steps / elapsed
-    last = f"step {last_saved}" if last_saved is not None else None
-    metrics_lib.check_finite(step, scalars, last)
+    metrics_lib.check_finite(step, scalars, last_good)
     logger.write(step, "train", scalars)
     print(f"step {step} train: {_fmt(scalars)}", flush=True)
     return scalars
