@@ -26,18 +26,6 @@ from ml_collections import config_flags
 
 from navit_seq.data import packing, pipeline
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(Path(pipeline.__file__)), "Recipe (with .data) or data config file."
-)
-_IMAGE_SIZES = flags.DEFINE_string(
-    "image-sizes", None, "JSON file with 'images': [[h, w], ...]; packs synthetic images of them."
-)
-_NUM_BATCHES = flags.DEFINE_integer("num-batches", 50, "Batches to measure (after a warm-up one).")
-_EVAL = flags.DEFINE_bool("eval", False, "Inspect the evaluation pipeline (token budget, no drop).")
-_OUTPUT = flags.DEFINE_string("output", "outputs/inspect/packing.png", "Where the picture goes.")
-_ROWS_SHOWN = flags.DEFINE_integer("rows-shown", 4, "Packed rows drawn in the picture.")
-
-
 # Raw counters already summarized by `packing.summarize_stats`.
 _DERIVED_FROM = (
     "tokens_real",
@@ -153,19 +141,25 @@ def measure(
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    config = _CONFIG.value
+    options = flags.FLAGS
+    config = options.config
     config = config.data if "data" in config else config
-    if _IMAGE_SIZES.value:
-        source, source_name = image_sizes_source(_IMAGE_SIZES.value, config), _IMAGE_SIZES.value
+    if options["image-sizes"].value:
+        source, source_name = (
+            image_sizes_source(options["image-sizes"].value, config),
+            options["image-sizes"].value,
+        )
     else:
-        split = config.eval_split if _EVAL.value else config.train_split
+        split = config.eval_split if options.eval else config.train_split
         source, source_name = dataset_source(config, split), f"{config.name}/{split}"
-    summary, first = measure(source, config, train=not _EVAL.value, num_batches=_NUM_BATCHES.value)
-    picture = Path(_OUTPUT.value)
+    summary, first = measure(
+        source, config, train=not options.eval, num_batches=options["num-batches"].value
+    )
+    picture = Path(options.output)
     if first is not None:
-        draw_rows(first, config.patch_size, _ROWS_SHOWN.value, picture)
-    mode = "eval" if _EVAL.value else "train"
-    resolution_kind = "token_budget" if _EVAL.value else config.resolution.kind
+        draw_rows(first, config.patch_size, options["rows-shown"].value, picture)
+    mode = "eval" if options.eval else "train"
+    resolution_kind = "token_budget" if options.eval else config.resolution.kind
     print(f"source: {source_name} ({len(source)} examples), mode: {mode}")
     print(
         f"L={config.seq_len} B={config.batch_size} E_max={config.max_examples_per_seq} "
@@ -189,5 +183,21 @@ def main(argv: Sequence[str]) -> None:
     sys.stdout.flush()
 
 
+def define_flags() -> None:
+    """Defined only when run as a command, so importing this module (tests, notebooks) never
+    clashes with the training commands' absl flags of the same names."""
+    config_flags.DEFINE_config_file(
+        "config", str(Path(pipeline.__file__)), "Recipe (with .data) or data config file."
+    )
+    flags.DEFINE_string(
+        "image-sizes", None, "JSON file with 'images': [[h, w], ...]; packs synthetic images."
+    )
+    flags.DEFINE_integer("num-batches", 50, "Batches to measure (after a warm-up one).")
+    flags.DEFINE_bool("eval", False, "Inspect the evaluation pipeline (token budget, no drop).")
+    flags.DEFINE_string("output", "outputs/inspect/packing.png", "Where the picture goes.")
+    flags.DEFINE_integer("rows-shown", 4, "Packed rows drawn in the picture.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
