@@ -1,0 +1,163 @@
+"""Text tower over packed captions: token + position embedding, the encoder's pre-LN blocks with
+segment-masked attention, final norm, masked pooling to one vector per example slot.
+
+Captions are packed like images (NaViT's contrastive setup): a row holds several captions,
+`text_segment_ids` e + 1 marks the caption of image slot e, 0 marks padding. Positions restart
+at 0 in every caption and are computed here from the segment ids, so the packer needs to send
+no position array. Output: `tokens` [B, L_text, D] (zero at padding), `pooled` [B, E_max, D]
+(zero at invalid slots) and `pooled_valid` [B, E_max] (the slot is a real example and has at
+least one token).
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from navit_seq.models.attention import segment_attend_mask
+from navit_seq.models.navit import MLP, EncoderBlock, dtype_of, model_sizes
+from navit_seq.models.partitioning import constrain, param, partitioned
+from navit_seq.models.pooling import POOLINGS, MAPHead, masked_mean_pool, slot_token_mask
+
+_EMBED_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def default_text_config() -> ml_collections.ConfigDict:
+    """`config.model.text`: the encoder's fields (sizes from the same presets) plus the vocabulary
+    and the position table length."""
+    placeholder = ml_collections.config_dict.placeholder
+    return ml_collections.ConfigDict(
+        {
+            "variant": "S",
+            # Set any of these to override the preset (tests use tiny towers).
+            **{field: placeholder(int) for field in ("width", "depth", "num_heads", "mlp_dim")},
+            # The tokenizer's piece count (`text.Tokenizer(path).vocab_size`); trainers fill it.
+            "vocab_size": placeholder(int),
+            # Tokens per caption the learned position table covers (NaViT's contrastive text
+            # length is 24; longer captions are cut by the packer, never here).
+            "max_len": 64,
+            "qk_norm": True,
+            "use_bias": False,
+            "pooling": "map",  # "map" (attention pooling) or "mean"
+            "attention_impl": "xla",
+            "dropout": 0.0,
+            "dtype": "float32",
+            "param_dtype": "float32",
+        }
+    )
+
+
+def caption_positions(attend: jax.Array) -> jax.Array:
+    """Position of each token within its caption [B, L] from the attend mask [B, 1, L, L].
+
+    Token q's position is the number of earlier tokens of its own caption, so it is right for
+    any layout of segments; padding tokens (attending to nothing) get 0.
+    """
+    length = attend.shape[-1]
+    earlier = jnp.tril(jnp.ones((length, length), bool), k=-1)  # [L, L]: key k before query q
+    return jnp.sum(attend[:, 0] & earlier, axis=-1, dtype=jnp.int32)  # [B, L]
+
+
+def _raise_if_at_least(largest: np.ndarray, limit: int, message: str) -> None:
+    if int(largest) >= limit:
+        raise ValueError(message.format(largest=int(largest)))
+
+
+def _check_below(values: jax.Array, limit: int, message: str) -> None:
+    """Raises `message` when any of `values` is >= limit (eagerly, or by a host callback under
+    jit), so a table is never read out of range silently."""
+    largest = jnp.max(values)
+    if isinstance(largest, jax.core.Tracer):
+        jax.debug.callback(_raise_if_at_least, largest, limit, message)
+    else:
+        _raise_if_at_least(np.asarray(largest), limit, message)
+
+
+class TextTower(nnx.Module):
+    """Transformer over packed SentencePiece tokens (see the module docstring)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        if config.pooling not in POOLINGS:
+            raise ValueError(f"model.text.pooling={config.pooling!r} is not one of {POOLINGS}.")
+        if not config.get("vocab_size") or config.vocab_size <= 0:
+            raise ValueError(
+                f"model.text.vocab_size={config.get('vocab_size')!r}; set it to the tokenizer's "
+                "vocab_size (navit_seq.data.text.Tokenizer(path).vocab_size)."
+            )
+        sizes = model_sizes(config)
+        width = sizes["width"]
+        dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
+        self.dtype, self.pooling = dtype, config.pooling
+        self.vocab_size, self.max_len = config.vocab_size, config.max_len
+        self.token_embed = nnx.Embed(
+            config.vocab_size, width, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=partitioned(_EMBED_INIT, ("vocab", "embed")), rngs=rngs,
+        )  # fmt: skip
+        self.position_table = param(
+            rngs, _EMBED_INIT, ("posemb_len", "embed"), (config.max_len, width), param_dtype
+        )
+        self.blocks = nnx.List(
+            [EncoderBlock(sizes, config, rngs=rngs) for _ in range(sizes["depth"])]
+        )
+        self.final_norm = nnx.LayerNorm(
+            width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
+            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
+            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+            rngs=rngs,
+        )  # fmt: skip
+        if config.pooling == "map":
+            mlp = MLP(width, sizes["mlp_dim"], use_bias=config.use_bias, dropout=0.0,
+                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+            self.map_head = MAPHead(
+                width, sizes["num_heads"], mlp, use_bias=config.use_bias,
+                impl=config.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            )  # fmt: skip
+        else:
+            self.map_head = None
+
+    def __call__(
+        self, batch: Mapping[str, jax.Array], *, deterministic: bool
+    ) -> dict[str, jax.Array]:
+        """batch with `text_tokens` [B, L], `text_segment_ids` [B, L] and `example_valid`
+        [B, E] -> {"tokens" [B, L, D], "pooled" [B, E, D], "pooled_valid" [B, E]}."""
+        text_tokens, segment_ids = batch["text_tokens"], batch["text_segment_ids"]
+        if text_tokens.shape != segment_ids.shape:
+            raise ValueError(
+                f"batch['text_tokens'] {text_tokens.shape} and batch['text_segment_ids'] "
+                f"{segment_ids.shape} must have the same [B, L_text] shape."
+            )
+        token_valid = segment_ids > 0  # [B, L]
+        attend = segment_attend_mask(segment_ids)  # [B, 1, L, L], shared by every layer
+        positions = caption_positions(attend)  # [B, L]
+        ids = jnp.where(token_valid, text_tokens, 0)  # [B, L]; padding reads id 0
+        _check_below(
+            ids, self.vocab_size,
+            "batch['text_tokens'] holds id {largest} but model.text.vocab_size is "
+            f"{self.vocab_size}; set it to the tokenizer's vocab_size.",
+        )  # fmt: skip
+        _check_below(
+            positions, self.max_len,
+            "a caption has a token at position {largest} but the text position table has "
+            f"{self.max_len} entries (model.text.max_len); raise it or cut captions shorter.",
+        )  # fmt: skip
+        # After the checks, clipping only keeps reads in range (jnp.take would fill NaN).
+        x = self.token_embed(jnp.clip(ids, 0, self.vocab_size - 1))  # [B, L, D]
+        positions = jnp.clip(positions, 0, self.max_len - 1)
+        x = x + jnp.take(self.position_table[...], positions, axis=0).astype(self.dtype)
+        x = constrain(x, ("act_batch", "act_len", "act_emb"))
+        for block in self.blocks:
+            x = block(x, attend, deterministic=deterministic)
+        tokens = jnp.where(token_valid[..., None], self.final_norm(x), 0)  # [B, L, D]
+
+        max_examples = batch["example_valid"].shape[1]
+        in_slot = slot_token_mask(segment_ids, max_examples)  # [B, E, L]
+        pooled_valid = batch["example_valid"] & in_slot.any(-1)  # [B, E]
+        if self.pooling == "map":
+            pooled = self.map_head(tokens, in_slot)
+        else:
+            pooled = masked_mean_pool(tokens, in_slot)
+        pooled = jnp.where(pooled_valid[..., None], pooled, 0)  # [B, E, D]
+        return {"tokens": tokens, "pooled": pooled, "pooled_valid": pooled_valid}
