@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_navit import packed_batch, random_images, tiny_config
-from test_text import MAX_EXAMPLES, pack_captions, random_captions, tiny_text_config
+from test_text_tower import MAX_EXAMPLES, pack_captions, random_captions, tiny_text_config
 
 from navit_seq.losses.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
 from navit_seq.models.two_tower import TwoTower, default_two_tower_config
@@ -23,7 +23,7 @@ def tiny_two_tower_config(loss: str = "sigmoid"):
 
 
 def image_caption_batch(drop_last_caption_of_row_0: bool = False) -> dict[str, np.ndarray]:
-    """Rows of images (test_navit.PACKING) with their captions (test_text.PACKING)."""
+    """Rows of images (test_navit.PACKING) with their captions (test_text_tower.PACKING)."""
     captions = random_captions()
     if drop_last_caption_of_row_0:
         captions[0] = captions[0][:2]
