@@ -1,0 +1,371 @@
+"""Pix2Seq sequence decoder over packed images, with a key/value cache for decoding.
+
+Pre-LN blocks: causal self-attention over a row's tokens, cross-attention to the encoder tokens
+of that row's own image, MLP. Decoder rows (docs/architecture.md §9) are `tokens [B, R, T]`
+with `row_slot [B, R]`: the image slot of packed row b that decoder row r reads (segment id
+row_slot + 1; -1 = padding row). Several rows may read one image, which is encoded once.
+Cross-attention keys/values are computed once per packed row b ([B, L, H, Dh]) and shared by
+all its decoder rows; nothing is gathered or looped per image.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from navit_seq.models.attention import ATTENTION_IMPLS, masked_attention
+from navit_seq.models.navit import MLP, dtype_of
+from navit_seq.models.partitioning import constrain, param, partitioned
+
+# "S" is the Pix2Seq v2 decoder (Chen et al. 2022: 6 layers, 512 wide, 8 heads, MLP 2048).
+PRESETS = {
+    "Ti": {"width": 128, "depth": 2, "num_heads": 4, "mlp_dim": 512},
+    "S": {"width": 512, "depth": 6, "num_heads": 8, "mlp_dim": 2048},
+    "B": {"width": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072},
+}
+_SIZE_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
+
+# Per layer (key, value), each [N, T_cache, H, Dh] with N = B * R flattened decoder rows.
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+# Per layer (key, value) of the encoder tokens, each [B, L, H, Dh].
+CrossKV = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def default_decoder_config() -> ml_collections.ConfigDict:
+    """`config.model.decoder` with Pix2Seq's choices; `vocab_size` must be set (Vocab.size)."""
+    placeholder = ml_collections.config_dict.placeholder
+    return ml_collections.ConfigDict(
+        {
+            "variant": "S",
+            **{field: placeholder(int) for field in _SIZE_FIELDS},  # override the preset
+            "vocab_size": placeholder(int),  # navit_seq.tasks.vocab.Vocab(...).size
+            "max_len": 512,  # positions: longest prompt + response the decoder reads
+            "tie_embeddings": True,  # Pix2Seq shares the input and output token embedding
+            "qk_norm": False,
+            "use_bias": True,
+            "dropout": 0.0,
+            "attention_impl": "xla",
+            "dtype": "float32",
+            "param_dtype": "float32",
+        }
+    )
+
+
+def decoder_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The preset of `config.variant` with any explicit size fields applied on top."""
+    if config.variant not in PRESETS:
+        raise ValueError(
+            f"model.decoder.variant={config.variant!r} is not one of {tuple(PRESETS)}."
+        )
+    sizes = dict(PRESETS[config.variant])
+    sizes.update({f: config[f] for f in _SIZE_FIELDS if config.get(f) is not None})
+    return sizes
+
+
+def row_image_mask(segment_ids: jax.Array, row_slot: jax.Array) -> jax.Array:
+    """Boolean [B, R, L]: True where decoder row r may read encoder token l of packed row b.
+
+    `attend[b, r, l] = segment_ids[b, l] == row_slot[b, r] + 1` for real tokens only, so a
+    padding row (slot -1) reads nothing, not the padding tokens (segment 0).
+    """
+    same_image = segment_ids[:, None, :] == (row_slot + 1)[:, :, None]  # [B, R, L]
+    return same_image & (segment_ids > 0)[:, None, :]
+
+
+class Attention(nnx.Module):
+    """Multi-head attention projections: queries from the decoder stream (`width`), keys and
+    values from a source of `source_width` (the decoder itself, or the encoder tokens)."""
+
+    def __init__(
+        self,
+        width: int,
+        source_width: int,
+        num_heads: int,
+        *,
+        qk_norm: bool,
+        use_bias: bool,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        if width % num_heads:
+            raise ValueError(
+                f"decoder width {width} is not divisible by num_heads {num_heads}; "
+                "pick a width that is a multiple of the head count."
+            )
+        head_dim = width // num_heads
+        self.dtype = dtype
+        new = lambda init, names, shape: param(rngs, init, names, shape, param_dtype)
+        xavier = nnx.initializers.xavier_uniform
+        zeros = nnx.initializers.zeros
+        self.query_kernel = new(
+            xavier(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "head_dim"),
+            (width, num_heads, head_dim),
+        )  # fmt: skip
+        self.kv_kernel = new(
+            xavier(in_axis=0, out_axis=(2, 3), batch_axis=1),
+            ("embed", None, "heads", "head_dim"), (source_width, 2, num_heads, head_dim),
+        )  # fmt: skip
+        self.out_kernel = new(
+            xavier(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed"),
+            (num_heads, head_dim, width),
+        )  # fmt: skip
+        self.query_bias = (
+            new(zeros, ("heads", "head_dim"), (num_heads, head_dim)) if use_bias else None
+        )
+        self.kv_bias = (
+            new(zeros, (None, "heads", "head_dim"), (2, num_heads, head_dim)) if use_bias else None
+        )
+        self.out_bias = new(zeros, ("embed",), (width,)) if use_bias else None
+        norm = lambda: nnx.LayerNorm(
+            head_dim, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+            scale_init=partitioned(nnx.initializers.ones, ("head_dim",)),
+            bias_init=partitioned(nnx.initializers.zeros, ("head_dim",)),
+            rngs=rngs,
+        )  # fmt: skip
+        self.query_norm = norm() if qk_norm else None
+        self.key_norm = norm() if qk_norm else None
+
+    def _cast(self, p: nnx.Param | None) -> jax.Array | None:
+        return None if p is None else p[...].astype(self.dtype)
+
+    def queries(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> queries [..., H, Dh]."""
+        query = jnp.einsum("...d,dhk->...hk", x, self._cast(self.query_kernel))
+        if self.query_bias is not None:
+            query = query + self._cast(self.query_bias)
+        return query if self.query_norm is None else self.query_norm(query)
+
+    def keys_values(self, source: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """source [..., D_source] -> (keys, values), each [..., H, Dh]."""
+        kv = jnp.einsum("...d,dthk->...thk", source, self._cast(self.kv_kernel))
+        if self.kv_bias is not None:
+            kv = kv + self._cast(self.kv_bias)  # [..., 2, H, Dh]
+        key, value = kv[..., 0, :, :], kv[..., 1, :, :]
+        return (key if self.key_norm is None else self.key_norm(key)), value
+
+    def output(self, mixed: jax.Array) -> jax.Array:
+        """Attention output [..., H, Dh] -> [..., D]."""
+        out = jnp.einsum("...hk,hkd->...d", mixed, self._cast(self.out_kernel))
+        return out if self.out_bias is None else out + self._cast(self.out_bias)
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-LN block: x + SelfAttn(LN(x)) (causal, cached), x + CrossAttn(LN(x)), x + MLP(LN(x))."""
+
+    def __init__(
+        self,
+        sizes: Mapping[str, int],
+        encoder_width: int,
+        config: ml_collections.ConfigDict,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
+        width = sizes["width"]
+        self.impl = config.attention_impl
+        norm = lambda: nnx.LayerNorm(
+            width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
+            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
+            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+            rngs=rngs,
+        )  # fmt: skip
+        attention = lambda source_width: Attention(
+            width, source_width, sizes["num_heads"], qk_norm=config.qk_norm,
+            use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.self_attention_norm = norm()
+        self.self_attention = attention(width)
+        self.cross_attention_norm = norm()
+        self.cross_attention = attention(encoder_width)
+        self.mlp_norm = norm()
+        self.mlp = MLP(
+            width, sizes["mlp_dim"], use_bias=config.use_bias, dropout=config.dropout,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        start: jax.Array | int,
+        cache: tuple[jax.Array, jax.Array] | None,
+        cross_kv: tuple[jax.Array, jax.Array],
+        cross_attend: jax.Array,
+        *,
+        deterministic: bool,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [N, S, D] at positions start..start+S-1 -> (x [N, S, D], updated cache or None).
+
+        `cache` holds this layer's keys/values [N, T_cache, H, Dh] of earlier positions; None
+        attends to the S new tokens only (teacher forcing from position `start` = 0).
+        """
+        num_rows, length, width = x.shape
+        batch = cross_attend.shape[0]
+        rows_per_batch = num_rows // batch
+
+        hidden = self.self_attention_norm(x)
+        query = self.self_attention.queries(hidden)  # [N, S, H, Dh]
+        key, value = self.self_attention.keys_values(hidden)  # [N, S, H, Dh]
+        query_positions = start + jnp.arange(length)  # [S]
+        if cache is None:
+            key_positions = query_positions
+        else:
+            key = jax.lax.dynamic_update_slice_in_dim(
+                cache[0], key.astype(cache[0].dtype), start, 1
+            )
+            value = jax.lax.dynamic_update_slice_in_dim(
+                cache[1], value.astype(cache[1].dtype), start, 1
+            )  # [N, T_cache, H, Dh]
+            cache = (key, value)
+            key_positions = jnp.arange(key.shape[1])  # [T_cache]
+        causal = key_positions[None, :] <= query_positions[:, None]  # [S, T_keys]
+        mixed = masked_attention(query, key, value, causal[None, None], self.impl)
+        x = x + self.dropout(self.self_attention.output(mixed), deterministic=deterministic)
+        x = constrain(x, ("act_batch", "act_len", "act_emb"))
+
+        # Cross-attention: rows of packed row b share its encoder keys/values [B, L, H, Dh].
+        query = self.cross_attention.queries(self.cross_attention_norm(x))  # [N, S, H, Dh]
+        query = query.reshape(batch, rows_per_batch * length, *query.shape[2:])  # [B, R*S, H, Dh]
+        attend = jnp.broadcast_to(
+            cross_attend[:, :, None, :], (batch, rows_per_batch, length, cross_attend.shape[-1])
+        ).reshape(batch, 1, rows_per_batch * length, -1)  # [B, 1, R*S, L]
+        mixed = masked_attention(query, *cross_kv, attend, self.impl)  # [B, R*S, H, Dh]
+        mixed = self.cross_attention.output(mixed).reshape(num_rows, length, width)
+        x = x + self.dropout(mixed, deterministic=deterministic)
+        x = constrain(x, ("act_batch", "act_len", "act_emb"))
+
+        hidden = self.mlp(self.mlp_norm(x), deterministic=deterministic)
+        x = x + self.dropout(hidden, deterministic=deterministic)
+        return constrain(x, ("act_batch", "act_len", "act_emb")), cache
+
+
+class Decoder(nnx.Module):
+    """Token embedding + learned positions, decoder blocks, final norm, vocabulary logits."""
+
+    def __init__(self, config: ml_collections.ConfigDict, encoder_width: int, *, rngs: nnx.Rngs):
+        if config.get("vocab_size") is None or config.vocab_size < 1:
+            raise ValueError(
+                f"model.decoder.vocab_size={config.get('vocab_size')!r}: set it to the task "
+                "vocabulary's size, navit_seq.tasks.vocab.Vocab(...).size."
+            )
+        if config.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"model.decoder.attention_impl={config.attention_impl!r} is not supported; "
+                f"use one of {ATTENTION_IMPLS}."
+            )
+        sizes = decoder_sizes(config)
+        width = sizes["width"]
+        dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
+        self.dtype, self.max_len, self.vocab_size = dtype, config.max_len, config.vocab_size
+        self.num_heads, self.head_dim = sizes["num_heads"], width // sizes["num_heads"]
+        self.token_embed = nnx.Embed(
+            config.vocab_size, width, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")),
+            rngs=rngs,
+        )  # fmt: skip
+        self.posemb = param(
+            rngs, nnx.initializers.normal(0.02), ("posemb_len", "embed"),
+            (config.max_len, width), param_dtype,
+        )  # fmt: skip
+        self.blocks = nnx.List(
+            [DecoderBlock(sizes, encoder_width, config, rngs=rngs) for _ in range(sizes["depth"])]
+        )
+        self.final_norm = nnx.LayerNorm(
+            width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
+            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
+            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+            rngs=rngs,
+        )  # fmt: skip
+        self.output_head = (
+            None
+            if config.tie_embeddings
+            else nnx.Linear(
+                width,
+                config.vocab_size,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=partitioned(nnx.initializers.xavier_uniform(), ("embed", "vocab")),
+                bias_init=partitioned(nnx.initializers.zeros, ("vocab",)),
+                rngs=rngs,
+            )  # fmt: skip
+        )
+
+    def cross_keys_values(self, encoded: jax.Array) -> CrossKV:
+        """Encoder tokens [B, L, D_enc] -> every layer's cross-attention (keys, values)."""
+        return tuple(block.cross_attention.keys_values(encoded) for block in self.blocks)
+
+    def init_cache(self, num_rows: int, length: int) -> KVCache:
+        """An empty self-attention cache for `num_rows` flattened rows of `length` positions."""
+        shape = (num_rows, length, self.num_heads, self.head_dim)
+        return tuple(
+            (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.blocks
+        )
+
+    def extend(
+        self,
+        tokens: jax.Array,
+        start: jax.Array | int,
+        cross_kv: CrossKV,
+        cross_attend: jax.Array,
+        cache: KVCache | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits of `tokens` [B, R, S] at positions start..start+S-1 given the earlier
+        positions in `cache` (None: there are none, start must be 0).
+
+        `cross_attend` [B, R, L] is `row_image_mask`; rows reading no token (padding rows) get
+        zero logits. Returns (logits [B, R, S, V] float32, the cache with these positions).
+        Positions must stay below `max_len` (checked by the callers on static shapes).
+        """
+        batch, rows, length = tokens.shape
+        x = self.token_embed(tokens.reshape(batch * rows, length))  # [N, S, D]
+        positions = jax.lax.dynamic_slice_in_dim(self.posemb[...], start, length)  # [S, D]
+        x = constrain(x + positions.astype(self.dtype), ("act_batch", "act_len", "act_emb"))
+        new_cache = []
+        for layer, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache[layer]
+            x, layer_cache = block(
+                x, start, layer_cache, cross_kv[layer], cross_attend, deterministic=deterministic
+            )
+            new_cache.append(layer_cache)
+        x = self.final_norm(x)
+        if self.output_head is None:
+            logits = self.token_embed.attend(x)  # tied: x @ embedding.T
+        else:
+            logits = self.output_head(x)
+        logits = logits.astype(jnp.float32).reshape(batch, rows, length, self.vocab_size)
+        row_reads_image = cross_attend.any(-1)[:, :, None, None]  # [B, R, 1, 1]
+        logits = constrain(
+            jnp.where(row_reads_image, logits, 0), ("act_batch", None, "act_len", None)
+        )
+        return logits, (None if cache is None else tuple(new_cache))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        encoded: jax.Array,
+        segment_ids: jax.Array,
+        row_slot: jax.Array,
+        *,
+        deterministic: bool,
+    ) -> jax.Array:
+        """Teacher forcing: tokens [B, R, T], encoder tokens [B, L, D_enc], segment_ids [B, L],
+        row_slot [B, R] -> logits [B, R, T, V] (float32; zero for padding rows)."""
+        if tokens.ndim != 3 or row_slot.shape != tokens.shape[:2]:
+            raise ValueError(
+                f"decoder tokens {tokens.shape} and row_slot {row_slot.shape} must be [B, R, T] "
+                "and [B, R] (docs/architecture.md §9)."
+            )
+        if tokens.shape[-1] > self.max_len:
+            raise ValueError(
+                f"decoder rows of {tokens.shape[-1]} tokens exceed model.decoder.max_len="
+                f"{self.max_len}; raise max_len or shorten data.task seq_len."
+            )
+        cross_attend = row_image_mask(segment_ids, row_slot)  # [B, R, L]
+        cross_kv = self.cross_keys_values(encoded)
+        logits, _ = self.extend(tokens, 0, cross_kv, cross_attend, deterministic=deterministic)
+        return logits

@@ -1,0 +1,189 @@
+"""Pix2Seq decoder: row-to-image cross-attention mask, causality, KV cache vs teacher forcing,
+padding rows, presets, tied/untied output, logical axis names, sharded forward."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+from navit_seq.models.decoder import (
+    PRESETS,
+    Decoder,
+    decoder_sizes,
+    default_decoder_config,
+    row_image_mask,
+)
+
+ENCODER_WIDTH, VOCAB, MAX_LEN, T = 24, 40, 16, 10
+# Two packed rows of 12 encoder tokens: row 0 holds images 1, 2; row 1 image 1 and padding.
+SEGMENT_IDS = np.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 7 + [0] * 5], np.int32)
+# Rows 0 and 2 of packed row 0 read the same image; rows of slot -1 are padding.
+ROW_SLOT = np.array([[0, 1, 0], [0, -1, -1]], np.int32)
+
+
+def tiny_config(**overrides):
+    config = default_decoder_config()
+    config.update(dict(width=32, depth=2, num_heads=4, mlp_dim=64, vocab_size=VOCAB))
+    config.update(dict(max_len=MAX_LEN, **overrides))
+    return config
+
+
+def inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [2, 3, T], encoder tokens [2, 12, ENCODER_WIDTH], zero at padding)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, VOCAB, ROW_SLOT.shape + (T,)).astype(np.int32)
+    encoded = rng.normal(size=SEGMENT_IDS.shape + (ENCODER_WIDTH,)).astype(np.float32)
+    return tokens, encoded * (SEGMENT_IDS > 0)[..., None]
+
+
+@nnx.jit
+def forward(decoder: Decoder, tokens, encoded, segment_ids, row_slot):
+    return decoder(tokens, encoded, segment_ids, row_slot, deterministic=True)
+
+
+@nnx.jit
+def extend(decoder: Decoder, tokens, start, encoded, segment_ids, row_slot, cache):
+    cross_kv = decoder.cross_keys_values(encoded)
+    return decoder.extend(tokens, start, cross_kv, row_image_mask(segment_ids, row_slot), cache)
+
+
+@pytest.fixture(scope="module")
+def decoder() -> Decoder:
+    return Decoder(tiny_config(), ENCODER_WIDTH, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def reference_logits(decoder):
+    tokens, encoded = inputs()
+    return np.asarray(forward(decoder, tokens, encoded, SEGMENT_IDS, ROW_SLOT))
+
+
+def test_row_image_mask_reads_only_its_slot_and_padding_rows_read_nothing():
+    mask = np.asarray(row_image_mask(SEGMENT_IDS, ROW_SLOT))
+    expected = np.zeros(ROW_SLOT.shape + SEGMENT_IDS.shape[1:], bool)
+    for b, r in np.ndindex(*ROW_SLOT.shape):
+        for token, segment in enumerate(SEGMENT_IDS[b]):
+            expected[b, r, token] = ROW_SLOT[b, r] >= 0 and segment == ROW_SLOT[b, r] + 1
+    np.testing.assert_array_equal(mask, expected)
+    assert not mask[1, 1:].any()  # slot -1 must not match the padding tokens (segment 0)
+
+
+def test_future_tokens_do_not_change_earlier_logits(decoder, reference_logits):
+    tokens, encoded = inputs()
+    changed = tokens.copy()
+    changed[:, :, 6:] = (changed[:, :, 6:] + 7) % VOCAB
+    logits = np.asarray(forward(decoder, changed, encoded, SEGMENT_IDS, ROW_SLOT))
+    np.testing.assert_allclose(logits[:, :, :6], reference_logits[:, :, :6], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(logits[0, :, 6:], reference_logits[0, :, 6:])
+
+
+def test_cached_extension_one_token_at_a_time_equals_teacher_forcing(decoder, reference_logits):
+    tokens, encoded = inputs()
+    cache = decoder.init_cache(tokens.shape[0] * tokens.shape[1], MAX_LEN)
+    prefill = 3
+    logits, cache = extend(
+        decoder, tokens[:, :, :prefill], 0, encoded, SEGMENT_IDS, ROW_SLOT, cache
+    )
+    pieces = [np.asarray(logits)]
+    for position in range(prefill, T):
+        logits, cache = extend(
+            decoder, tokens[:, :, position : position + 1], position, encoded, SEGMENT_IDS,
+            ROW_SLOT, cache,
+        )  # fmt: skip
+        pieces.append(np.asarray(logits))
+    np.testing.assert_allclose(
+        np.concatenate(pieces, axis=2), reference_logits, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_rows_reading_the_same_image_with_the_same_tokens_agree(decoder):
+    tokens, encoded = inputs()
+    tokens[0, 2] = tokens[0, 0]
+    logits = np.asarray(forward(decoder, tokens, encoded, SEGMENT_IDS, ROW_SLOT))
+    np.testing.assert_array_equal(logits[0, 0], logits[0, 2])
+    assert not np.allclose(logits[0, 0], logits[0, 1])  # another image, other logits
+
+
+def test_padding_rows_have_zero_logits_and_every_gradient_is_finite(decoder, reference_logits):
+    assert np.isfinite(reference_logits).all()
+    assert not reference_logits[ROW_SLOT < 0].any()
+    assert np.abs(reference_logits[ROW_SLOT >= 0]).min(axis=-1).max() > 0
+    tokens, encoded = inputs()
+    graphdef, params, rest = nnx.split(decoder, nnx.Param, ...)
+
+    def loss(params, encoded):
+        decoder = nnx.merge(graphdef, params, rest)
+        logits = decoder(tokens, encoded, SEGMENT_IDS, ROW_SLOT, deterministic=True)
+        return (jax.nn.log_softmax(logits) ** 2).sum()
+
+    param_grads, encoded_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, encoded)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(param_grads))
+    assert np.isfinite(encoded_grads).all()
+    assert not np.asarray(encoded_grads)[SEGMENT_IDS == 0].any()  # padding tokens are unread
+
+
+def test_untied_output_adds_exactly_one_vocabulary_projection():
+    count = lambda config: sum(
+        x.size
+        for x in jax.tree.leaves(
+            nnx.state(nnx.eval_shape(lambda: Decoder(config, 48, rngs=nnx.Rngs(0))), nnx.Param)
+        )
+    )
+    tied, untied = count(tiny_config()), count(tiny_config(tie_embeddings=False))
+    assert untied - tied == 32 * VOCAB + VOCAB
+
+
+def test_paper_decoder_preset_and_parameter_count_formula():
+    """ "S" = Pix2Seq v2's decoder; counted: embeddings, per block self- and cross-attention
+    (with biases), MLP, three LayerNorms; final LayerNorm; tied output."""
+    assert PRESETS["S"] == {"width": 512, "depth": 6, "num_heads": 8, "mlp_dim": 2048}
+    config = default_decoder_config()
+    config.vocab_size = 3000
+    d, m, depth = (decoder_sizes(config)[k] for k in ("width", "mlp_dim", "depth"))
+    encoder_width = 768
+    attention = lambda source: d * d + d + 2 * (source * d + d) + d * d + d
+    per_block = attention(d) + attention(encoder_width) + 2 * d * m + m + d + 3 * 2 * d
+    expected = 3000 * d + config.max_len * d + depth * per_block + 2 * d
+    abstract = nnx.eval_shape(lambda: Decoder(config, encoder_width, rngs=nnx.Rngs(0)))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == expected
+
+
+ALLOWED_NAMES = {"embed", "mlp", "heads", "head_dim", "vocab", "posemb_len", None}
+
+
+def test_every_parameter_has_one_logical_axis_name_per_dimension(decoder):
+    for path, variable in nnx.to_flat_state(nnx.state(decoder, nnx.Param)):
+        names = variable.get_metadata()["out_sharding"]
+        assert len(names) == variable[...].ndim, path
+        assert set(names) <= ALLOWED_NAMES, path
+
+
+def test_forward_under_a_sharded_mesh_matches_unsharded(decoder, reference_logits):
+    tokens, encoded = inputs()
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    rules = (
+        ("act_batch", "data"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
+        ("act_mlp", "tensor"), ("act_heads", "tensor"),
+        *((name, None) for name in ("embed", "head_dim", "posemb_len")),
+    )  # fmt: skip
+    graphdef, state = nnx.split(decoder)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        state = jax.device_put(state, nnx.get_named_sharding(state, mesh))
+        apply = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a, deterministic=True))
+        sharded = apply(state, tokens, encoded, SEGMENT_IDS, ROW_SLOT)
+        assert state["token_embed"]["embedding"][...].sharding.spec[0] == "tensor"
+    np.testing.assert_allclose(sharded, reference_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_configs_and_rows_longer_than_max_len_raise_naming_the_fix(decoder):
+    with pytest.raises(ValueError, match="vocab_size"):
+        Decoder(tiny_config(vocab_size=None), ENCODER_WIDTH, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="variant"):
+        Decoder(tiny_config(variant="XL"), ENCODER_WIDTH, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible"):
+        Decoder(tiny_config(num_heads=5), ENCODER_WIDTH, rngs=nnx.Rngs(0))
+    tokens, encoded = inputs()
+    too_long = np.zeros((2, 3, MAX_LEN + 1), np.int32)
+    with pytest.raises(ValueError, match="max_len"):
+        decoder(too_long, encoded, SEGMENT_IDS, ROW_SLOT, deterministic=True)
