@@ -1,0 +1,140 @@
+"""Pix2Seq (NaViT encoder + decoder rows): cross-attention isolation between packed images,
+packed rows vs each image encoded alone, gradients to both parts, clear errors."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from navit_seq.models.pix2seq import Pix2Seq, default_pix2seq_config
+
+PATCH, CHANNELS = 2, 3
+PATCH_DIM = PATCH * PATCH * CHANNELS
+SEQ_LEN, MAX_EXAMPLES, VOCAB, T = 24, 3, 40, 8
+# Image grids of each packed row; row 1 has one image and padding.
+PACKING = [[(2, 3), (3, 3), (2, 2)], [(3, 2)]]
+# Decoder rows: (packed row, image slot); slot 0 of packed row 0 has two rows (two prompts).
+ROW_SLOT = np.array([[0, 1, 2, 0], [0, -1, -1, -1]], np.int32)
+ALONE_LEN = max(r * c for row in PACKING for r, c in row)
+
+
+def tiny_config():
+    config = default_pix2seq_config()
+    config.update(dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=PATCH))
+    config.posemb.max_len = 8
+    config.decoder.update(
+        dict(width=32, depth=2, num_heads=4, mlp_dim=64, vocab_size=VOCAB, max_len=16)
+    )
+    return config
+
+
+def random_images(seed: int = 0) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        [rng.integers(0, 256, (r * c, PATCH_DIM), dtype=np.uint8) for r, c in row]
+        for row in PACKING
+    ]
+
+
+def pack(images, grids, row_slot, decoder_input, seq_len=SEQ_LEN, max_examples=MAX_EXAMPLES):
+    """The packed batch of docs/architecture.md §3 + decoder rows (§9), built by hand."""
+    batch = len(images)
+    out = {
+        "patches": np.zeros((batch, seq_len, PATCH_DIM), np.uint8),
+        "segment_ids": np.zeros((batch, seq_len), np.int32),
+        "patch_coords": np.zeros((batch, seq_len, 2), np.int32),
+        "image_grid": np.zeros((batch, max_examples, 2), np.int32),
+        "example_valid": np.zeros((batch, max_examples), bool),
+        "row_slot": np.asarray(row_slot, np.int32),
+        "decoder_input": np.asarray(decoder_input, np.int32),
+    }
+    for b, (row_images, row_grids) in enumerate(zip(images, grids, strict=True)):
+        start = 0
+        for e, (patches, (rows, cols)) in enumerate(zip(row_images, row_grids, strict=True)):
+            n = rows * cols
+            coords = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), -1)
+            out["patches"][b, start : start + n] = patches
+            out["segment_ids"][b, start : start + n] = e + 1
+            out["patch_coords"][b, start : start + n] = coords.reshape(n, 2)
+            out["image_grid"][b, e] = (rows, cols)
+            out["example_valid"][b, e] = True
+            start += n
+    return out
+
+
+def decoder_input(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, VOCAB, ROW_SLOT.shape + (T,)).astype(np.int32)
+
+
+@nnx.jit
+def forward(model: Pix2Seq, batch):
+    return model(batch, deterministic=True)["logits"]
+
+
+@pytest.fixture(scope="module")
+def model() -> Pix2Seq:
+    return Pix2Seq(tiny_config(), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def packed_logits(model):
+    images, tokens = random_images(), decoder_input()
+    return images, tokens, np.asarray(forward(model, pack(images, PACKING, ROW_SLOT, tokens)))
+
+
+def test_changing_another_image_leaves_each_row_bit_identical(model, packed_logits):
+    images, tokens, before = packed_logits
+    changed = [list(row) for row in images]
+    changed[0][1] = 255 - changed[0][1]  # slot 1 of packed row 0
+    after = np.asarray(forward(model, pack(changed, PACKING, ROW_SLOT, tokens)))
+    reads_changed = (np.arange(2)[:, None] == 0) & (ROW_SLOT == 1)  # [B, R]
+    assert not np.allclose(before[reads_changed], after[reads_changed])
+    np.testing.assert_array_equal(before[~reads_changed], after[~reads_changed])
+
+
+def test_each_row_equals_its_image_encoded_alone(model, packed_logits):
+    images, tokens, packed = packed_logits
+    for b, r in zip(*np.nonzero(ROW_SLOT >= 0), strict=True):
+        slot = ROW_SLOT[b, r]
+        patches, grid = images[b][slot], PACKING[b][slot]
+        # Alone in its own batch (one image, one row), padded to one shape for all images.
+        alone = pack([[patches]], [[grid]], [[0]], tokens[b, r][None, None], ALONE_LEN, 1)
+        np.testing.assert_allclose(
+            packed[b, r], np.asarray(forward(model, alone))[0, 0], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_padding_rows_are_zero_and_all_logits_finite(packed_logits):
+    _, _, logits = packed_logits
+    assert logits.shape == ROW_SLOT.shape + (T, VOCAB)
+    assert np.isfinite(logits).all()
+    assert not logits[ROW_SLOT < 0].any()
+
+
+def test_token_loss_gradients_reach_encoder_and_decoder(model):
+    batch = pack(random_images(), PACKING, ROW_SLOT, decoder_input())
+    targets = decoder_input(seed=1)
+    weights = (ROW_SLOT >= 0)[..., None].astype(np.float32)  # [B, R, 1]
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params, rest)(batch, deterministic=True)["logits"]
+        per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return (per_token * weights).sum() / weights.sum() / T
+
+    grads = jax.jit(jax.grad(loss))(params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert np.abs(np.asarray(grads["encoder"]["patch_embed"]["kernel"][...])).sum() > 0
+    assert np.abs(np.asarray(grads["decoder"]["token_embed"]["embedding"][...])).sum() > 0
+
+
+def test_batch_without_decoder_rows_raises_naming_the_fix(model):
+    batch = pack(random_images(), PACKING, ROW_SLOT, decoder_input())
+    del batch["row_slot"]
+    with pytest.raises(ValueError, match="row_slot"):
+        model(batch, deterministic=True)
+    config = tiny_config()
+    del config["decoder"]
+    with pytest.raises(ValueError, match="default_pix2seq_config"):
+        Pix2Seq(config, rngs=nnx.Rngs(0))
