@@ -11,12 +11,26 @@ full or the buffer is full. Shapes never depend on the data (see docs/architectu
 Token dropping happens here, when an image is offered to batch n, with rate from the schedule at
 step n and a generator seeded by (seed, stream index, n): exact and reproducible after a restore.
 
-State (`get_state`, JSON): the parent's state plus the stream indices of the buffered images,
-which are re-read from the random-access per-image dataset on restore, so the next batch after
-`set_state` is exactly the one that would have come.
+Ragged groups (`RaggedSpec`): an image may also carry arrays whose first axis varies per image,
+e.g. decoder rows [R_i, T] of a sequence task or caption tokens [n_i] for contrastive
+pretraining. Each group is packed per batch row under its own capacity (`max_rows_per_seq`
+rows, `text_seq_len` tokens) into [B, capacity, ...] arrays plus a slot array naming the image
+slot of every entry; an image fits a row only if its tokens, a slot and every group's entries
+fit. An image with more entries than the capacity keeps the first ones (counted); an image
+without entries of a `required` group is skipped (counted): it would carry no loss.
+
+An example that becomes several packed images (a keypoint example: one image per person crop)
+arrives as `{images: [per-image elements], counts, stream_index}`; its images are packed like
+any others. Counters (`counts`) are summed when an example is read, so examples that yield no
+image are counted too.
+
+State (`get_state`, JSON): the parent's state plus the (stream index, image index) of the
+buffered images, which are re-read from the random-access per-image dataset on restore, so the
+next batch after `set_state` is exactly the one that would have come.
 """
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -37,6 +51,45 @@ IMAGE_COUNTS = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class RaggedSpec:
+    """A group of per-image arrays sharing a variable first axis, packed per batch row.
+
+    A per-image element holds the group as `element["ragged"][name] = {key: [n, *shape]}`; the
+    batch holds `key: [B, capacity, *shape]` (zeros after the row's entries) and
+    `slot_key: [B, capacity]` = image slot + `slot_offset` for entries, `slot_offset - 1` for
+    padding (decoder rows: `row_slot`, offset 0, padding -1; text: `text_segment_ids`, offset 1,
+    padding 0, like the image `segment_ids`).
+    """
+
+    name: str  # "decoder_rows", "text"
+    capacity: int  # entries per batch row
+    fields: dict[str, tuple[tuple[int, ...], Any]]  # batch key -> (shape after axis 0, dtype)
+    slot_key: str
+    slot_offset: int
+    required: bool = True  # an image without entries of this group is skipped and counted
+
+    def __post_init__(self):
+        if self.capacity < 1:
+            raise ValueError(
+                f"{self.name}: capacity {self.capacity} per sequence; set data.max_rows_per_seq "
+                "(decoder rows) or data.text_seq_len (text tokens) to at least 1."
+            )
+
+
+def ragged_stat_keys(specs: Sequence[RaggedSpec]) -> tuple[str, ...]:
+    """The counters a packer keeps per ragged group (always present, even when zero)."""
+    return tuple(
+        key
+        for spec in specs
+        for key in (
+            f"{spec.name}_packed",  # entries emitted
+            f"{spec.name}_truncated",  # entries cut from images with more than `capacity`
+            f"images_without_{spec.name}",  # images skipped: no entry of a required group
+        )
+    )
+
+
 class PackIterDataset(grain.IterDataset):
     """Packs per-image elements (architecture.md §2) into batches (architecture.md §3)."""
 
@@ -54,11 +107,12 @@ class PackIterDataset(grain.IterDataset):
         packing: bool = True,
         token_drop_config: ml_collections.ConfigDict | None = None,
         seed: int = 0,
+        ragged_specs: Sequence[RaggedSpec] = (),
     ):
         """`element_at(stream_index)` re-reads one parent element (used only on restore).
 
         `packing=False` puts one image per row (the ablation baseline); `token_drop_config=None`
-        (evaluation) never drops tokens.
+        (evaluation) never drops tokens; `ragged_specs` lists the ragged groups to pack.
         """
         super().__init__(parent)
         if buffer_size < 1:
@@ -75,6 +129,7 @@ class PackIterDataset(grain.IterDataset):
         self.examples_per_row = max_examples_per_seq if packing else 1
         self.token_drop_config = token_drop_config
         self.seed = seed
+        self.ragged_specs = tuple(ragged_specs)
 
     def __iter__(self) -> "PackIterator":
         return PackIterator(self._parent.__iter__(), self)
@@ -95,13 +150,15 @@ class PackIterator(grain.DatasetIterator):
         self._buffer: list[dict] = []  # images read but not yet packed, oldest first
         self._batches_emitted = 0
         self._parent_exhausted = False
-        self.stats = _empty_stats()
+        self.stats = _empty_stats(spec.ragged_specs)
 
     def __next__(self) -> dict[str, Any]:
         spec = self._spec
         rows_used = np.zeros(spec.batch_size, np.int64)  # tokens taken in each row
         rows_examples = np.zeros(spec.batch_size, np.int64)  # images in each row
-        placements = []  # (element, row, slot, offset, patches, patch_coords)
+        # Entries taken in each row, per ragged group.
+        ragged_used = {r.name: np.zeros(spec.batch_size, np.int64) for r in spec.ragged_specs}
+        placements = []  # (element, row, slot, offset, patches, patch_coords, ragged offsets)
 
         def place(element: dict) -> bool:
             patches, patch_coords = self._dropped_tokens(element)
@@ -114,14 +171,19 @@ class PackIterator(grain.DatasetIterator):
             fits = (rows_used + num_tokens <= spec.seq_len) & (
                 rows_examples < spec.examples_per_row
             )
+            for ragged in spec.ragged_specs:
+                fits &= ragged_used[ragged.name] + _num_entries(element, ragged) <= ragged.capacity
             if not fits.any():
                 return False
             row = int(np.argmax(fits))  # first fit
+            offsets = {name: int(used[row]) for name, used in ragged_used.items()}
             placements.append(
-                (element, row, rows_examples[row], rows_used[row], patches, patch_coords)
+                (element, row, rows_examples[row], rows_used[row], patches, patch_coords, offsets)
             )
             rows_used[row] += num_tokens
             rows_examples[row] += 1
+            for ragged in spec.ragged_specs:
+                ragged_used[ragged.name][row] += _num_entries(element, ragged)
             return True
 
         def batch_full() -> bool:
@@ -137,8 +199,10 @@ class PackIterator(grain.DatasetIterator):
                 self._parent_exhausted = True
                 break
             self.stats["examples_read"] += 1
-            if not place(element):
-                waiting.append(element)
+            images, counts = self._images_of(element)
+            for key, count in counts.items():
+                self.stats[key] = self.stats.get(key, 0) + int(count)
+            waiting.extend(image for image in images if not place(image))
         self._buffer = waiting
         if not placements:
             raise StopIteration
@@ -152,6 +216,32 @@ class PackIterator(grain.DatasetIterator):
         """Images read from the parent that wait for a later batch."""
         return len(self._buffer)
 
+    def _images_of(self, element: dict) -> tuple[list[dict], dict[str, int]]:
+        """The packable images of a parent element (truncated ragged groups; images without
+        entries of a required group left out) and the counters to add for it."""
+        counts = dict(element["counts"])
+        images = []
+        for part, image in enumerate(element.get("images", [element])):
+            image = {**image, "stream_index": element["stream_index"], "image_index": part}
+            ragged = dict(image.get("ragged", {}))
+            keep = True
+            for spec in self._spec.ragged_specs:
+                group = ragged.get(spec.name, {})
+                num = _num_entries(image, spec)
+                if spec.required and num == 0:
+                    counts[f"images_without_{spec.name}"] = (
+                        counts.get(f"images_without_{spec.name}", 0) + 1
+                    )
+                    keep = False
+                elif num > spec.capacity:
+                    counts[f"{spec.name}_truncated"] = (
+                        counts.get(f"{spec.name}_truncated", 0) + num - spec.capacity
+                    )
+                    ragged[spec.name] = {k: v[: spec.capacity] for k, v in group.items()}
+            if keep:
+                images.append({**image, "ragged": ragged})
+        return images, counts
+
     def _dropped_tokens(self, element: dict) -> tuple[np.ndarray, np.ndarray]:
         """The element's tokens after dropping at the current step (all of them at eval)."""
         config = self._spec.token_drop_config
@@ -159,7 +249,9 @@ class PackIterator(grain.DatasetIterator):
         if config is None or config.kind == "none":
             return patches, patch_coords
         step = self._batches_emitted
-        rng = np.random.default_rng([self._spec.seed, int(element["stream_index"]), step])
+        rng = np.random.default_rng(
+            [self._spec.seed, int(element["stream_index"]), step, int(element["image_index"])]
+        )
         rate = token_drop.sample_drop_rate(config, patches.shape[0], step, rng)
         return token_drop.drop_tokens(patches, patch_coords, rate, rng)
 
@@ -182,7 +274,13 @@ class PackIterator(grain.DatasetIterator):
                 for name, (shape, dtype) in spec.target_spec.items()
             },
         }
-        for element, row, slot, offset, patches, patch_coords in placements:
+        for ragged in spec.ragged_specs:
+            for key, (shape, dtype) in ragged.fields.items():
+                batch[key] = np.zeros((b, ragged.capacity, *shape), dtype)  # [B, capacity, ...]
+            batch[ragged.slot_key] = np.full(  # [B, capacity]
+                (b, ragged.capacity), ragged.slot_offset - 1, np.int32
+            )
+        for element, row, slot, offset, patches, patch_coords, offsets in placements:
             end = offset + patches.shape[0]
             batch["patches"][row, offset:end] = patches
             batch["segment_ids"][row, offset:end] = slot + 1
@@ -192,6 +290,13 @@ class PackIterator(grain.DatasetIterator):
             batch["example_valid"][row, slot] = True
             for name, target in element["targets"].items():
                 batch["targets"][name][row, slot] = target
+            for ragged in spec.ragged_specs:
+                group = element["ragged"].get(ragged.name, {})
+                start = offsets[ragged.name]
+                stop = start + _num_entries(element, ragged)
+                for key in ragged.fields:
+                    batch[key][row, start:stop] = group[key]
+                batch[ragged.slot_key][row, start:stop] = slot + ragged.slot_offset
         return batch
 
     def _update_stats(
@@ -207,16 +312,17 @@ class PackIterator(grain.DatasetIterator):
         if nonempty.size:
             stats["images_per_seq_min"] = min(stats["images_per_seq_min"], int(nonempty.min()))
             stats["images_per_seq_max"] = max(stats["images_per_seq_max"], int(nonempty.max()))
-        for element, *_, patches, _ in placements:
+        for element, _, _, _, patches, _, _ in placements:
             stats["tokens_dropped"] += int(element["patches"].shape[0] - patches.shape[0])
             stats["tokens_before_drop"] += int(element["patches"].shape[0])
-            for key, count in element["counts"].items():
-                stats[key] = stats.get(key, 0) + int(count)
+            for ragged in spec.ragged_specs:
+                stats[f"{ragged.name}_packed"] += _num_entries(element, ragged)
 
     def get_state(self) -> dict[str, Any]:
         return {
             "parent": self._parent.get_state(),
             "buffered_stream_indices": [int(e["stream_index"]) for e in self._buffer],
+            "buffered_image_indices": [int(e["image_index"]) for e in self._buffer],
             "batches_emitted": self._batches_emitted,
             "parent_exhausted": self._parent_exhausted,
             "stats": dict(self.stats),
@@ -224,7 +330,12 @@ class PackIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._buffer = [self._spec.element_at(i) for i in state["buffered_stream_indices"]]
+        self._buffer = [
+            self._images_of(self._spec.element_at(stream_index))[0][image_index]
+            for stream_index, image_index in zip(
+                state["buffered_stream_indices"], state["buffered_image_indices"], strict=True
+            )
+        ]
         self._batches_emitted = state["batches_emitted"]
         self._parent_exhausted = state["parent_exhausted"]
         self.stats = dict(state["stats"])
@@ -233,11 +344,19 @@ class PackIterator(grain.DatasetIterator):
         return f"PackIterator({self._spec})"
 
 
-def _empty_stats() -> dict[str, int]:
+def _num_entries(element: dict, spec: RaggedSpec) -> int:
+    """Entries (rows, text tokens) the image holds in a ragged group."""
+    group = element.get("ragged", {}).get(spec.name)
+    return len(next(iter(group.values()))) if group else 0
+
+
+def _empty_stats(ragged_specs: Sequence[RaggedSpec] = ()) -> dict[str, int]:
     stats = {
         "batches": 0,
-        "examples_read": 0,  # = examples_packed + num_buffered: nothing is ever dropped
-        "examples_packed": 0,
+        # Examples read from the parent. Without ragged groups or crops, examples_read =
+        # examples_packed + num_buffered: nothing is ever dropped.
+        "examples_read": 0,
+        "examples_packed": 0,  # images packed (a keypoint example gives one per person crop)
         "tokens_real": 0,  # non-padding tokens emitted
         "tokens_total": 0,  # B * L per batch
         "rows_nonempty": 0,
@@ -247,6 +366,7 @@ def _empty_stats() -> dict[str, int]:
         "tokens_dropped": 0,
     }
     stats.update(dict.fromkeys(IMAGE_COUNTS, 0))
+    stats.update(dict.fromkeys(ragged_stat_keys(ragged_specs), 0))
     return stats
 
 

@@ -1,8 +1,11 @@
 """The grain input pipeline: decoded examples -> per-image tokens (in workers) -> packed batches.
 
-    source[process_index::process_count] -> shuffle -> repeat -> task encoding, resolution,
-    patchify (grain RandomMap, in `num_workers` worker processes) -> PackIterDataset (main
-    process: token dropping + packing) -> batches of architecture.md §3
+    source[process_index::process_count] -> shuffle -> repeat -> [task choice] -> task
+    encoding, resolution, patchify (grain RandomMap, in `num_workers` worker processes) ->
+    PackIterDataset (main process: token dropping + packing) -> batches of architecture.md §3
+
+Several tasks (`data.tasks`) are mixed per example or per batch (`navit_seq.data.mixing`).
+Rows that see a crop of the image (keypoints, `crop_box`) become one packed image per crop.
 
 Per host: each process reads the records `process_index::process_count` of the source and packs
 its own `batch_size / process_count` rows; the trainer assembles them into global arrays. This
@@ -18,7 +21,9 @@ import numpy as np
 from absl import flags
 
 from navit_seq import tasks
-from navit_seq.data import packing, patches, resolution, token_drop
+from navit_seq.data import mixing, packing, patches, resolution, token_drop
+from navit_seq.tasks.keypoints import crop_image
+from navit_seq.tasks.sequence import CROP_BOX
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -48,6 +53,11 @@ def default_data_config() -> ml_collections.ConfigDict:
             "max_grid_side": 64,
             "token_drop": token_drop.default_token_drop_config(),
             "task": {"name": "classification", "num_classes": 0},  # 0: read from the source
+            # Multi-task: ((task name, weight), ...) sharing data.task's options; empty: data.task.
+            "tasks": (),
+            "mixing": "batch",  # "batch": one task per batch (Pix2Seq v2); "data": per example
+            "max_rows_per_seq": 16,  # R_max: decoder rows per packed row (sequence tasks)
+            "text_seq_len": 64,  # L_text: caption tokens per packed row (image_text task)
         }
     )
 
@@ -80,6 +90,7 @@ def validate_data_config(config: ml_collections.ConfigDict, process_count: int =
         raise ValueError(
             f"data.eval_max_tokens={config.eval_max_tokens}; use 1..seq_len={config.seq_len}."
         )
+    mixing.validate_mixing_config(config)
 
 
 class AddIndex(grain.transforms.MapWithIndex):
@@ -93,18 +104,26 @@ class AddIndex(grain.transforms.MapWithIndex):
 
 
 class PrepareImage(grain.transforms.RandomMap):
-    """Decoded example -> per-image element of architecture.md §2 (task targets, resized tokens)."""
+    """Decoded example -> per-image element of architecture.md §2 (task targets, resized tokens).
+
+    The task is `tasks[element["task_index"]]` (0 without mixing). Ragged groups the task returns
+    go under `ragged`; a group with `crop_box [R, 4]` (rows that see a crop) gives one image per
+    row, cut from the example with that box (`{images: [...], counts, stream_index}`).
+    """
 
     def __init__(
         self,
-        task: tasks.Task,
+        task_list: Sequence[tasks.Task],
         resolution_config: ml_collections.ConfigDict,
         patch_size: int,
         max_tokens: int,
         max_grid_side: int,
         training: bool,
     ):
-        self.task = task
+        self.task_list = list(task_list)
+        self.ragged_names = {
+            spec.name for task in self.task_list for spec in _task_ragged_specs(task, None)
+        }
         self.training = training
         self.resolution_config = resolution_config
         self.patch_size = patch_size
@@ -113,10 +132,36 @@ class PrepareImage(grain.transforms.RandomMap):
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, Any]:
         example_id = int(element["example_id"])
+        task = self.task_list[int(element.get("task_index", 0))]
         image, counts = patches.standardize_pixels(element["image"], example_id)
         element, counts["annotations_clipped"] = resolution.clip_annotations(element)
-        targets, task_counts = self.task.encode(element, training=self.training, rng=rng)
+        element = {**element, "image": image}  # tasks that crop read the standardized pixels
+        targets, task_counts = task.encode(element, training=self.training, rng=rng)
         counts.update(task_counts)
+        ragged = {name: targets.pop(name) for name in self.ragged_names if name in targets}
+        crops = [group.pop(CROP_BOX) for group in ragged.values() if CROP_BOX in group]
+        common = {
+            "example_id": np.int64(example_id),
+            "task_id": np.int32(task.task_id),
+            "stream_index": int(element["stream_index"]),
+        }
+        if not crops:
+            tokens = self._tokens(image, rng, counts)
+            return {**tokens, **common, "targets": targets, "ragged": ragged, "counts": counts}
+        images = []
+        for row, crop_box in enumerate(crops[0]):  # one packed image per row's crop
+            tokens = self._tokens(crop_image(image, crop_box), rng, counts)
+            row_ragged = {
+                name: {k: v[row : row + 1] for k, v in g.items()} for name, g in ragged.items()
+            }
+            row_targets = {**targets, CROP_BOX: np.asarray(crop_box, np.float32)}
+            images.append({**tokens, **common, "targets": row_targets, "ragged": row_ragged})
+        return {"images": images, "counts": counts, **common}
+
+    def _tokens(
+        self, image: np.ndarray, rng: np.random.Generator, counts: dict[str, int]
+    ) -> dict[str, np.ndarray]:
+        """Resize to a sampled (or token-budget) grid and patchify; adds the resize counts."""
         height, width = image.shape[:2]
         rows, cols, size_counts = resolution.sample_grid(
             self.resolution_config,
@@ -127,7 +172,8 @@ class PrepareImage(grain.transforms.RandomMap):
             rng,
             max_grid_side=self.max_grid_side,
         )
-        counts.update(size_counts)
+        for key, count in size_counts.items():
+            counts[key] = counts.get(key, 0) + count
         image = resolution.resize_image(image, rows * self.patch_size, cols * self.patch_size)
         image_patches, patch_coords, image_grid = patches.patchify(image, self.patch_size)
         return {
@@ -135,18 +181,52 @@ class PrepareImage(grain.transforms.RandomMap):
             "patch_coords": patch_coords,  # [N, 2] int32
             "image_grid": image_grid,  # [2] int32
             "image_size": np.array(image.shape[:2], np.int32),
-            "original_size": np.array([height, width], np.int32),
-            "example_id": np.int64(example_id),
-            "task_id": np.int32(self.task.task_id),
-            "targets": targets,
-            "stream_index": int(element["stream_index"]),
-            "counts": counts,
+            "original_size": np.array([height, width], np.int32),  # of the example or its crop
         }
 
 
-def host_seed(seed: int, process_index: int) -> int:
-    """Seed of one host's shuffle, resolution draws and token drops: independent across hosts."""
-    return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+def host_seed(seed: int, process_index: int, *stream: int) -> int:
+    """Seed of one host's shuffle, resolution draws and token drops: independent across hosts
+    (and across the per-task streams of batch mixing, `stream`)."""
+    return int(np.random.SeedSequence([seed, process_index, *stream]).generate_state(1)[0])
+
+
+def task_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """`data.task` with `name`, plus where the dataset lives (class names, tokenizer)."""
+    task = ml_collections.ConfigDict(config.task.to_dict())
+    task.name = name
+    task.dataset = config.name
+    task.data_dir = config.data_dir
+    return task
+
+
+def _task_ragged_specs(
+    task: tasks.Task, config: ml_collections.ConfigDict | None
+) -> tuple[packing.RaggedSpec, ...]:
+    """The task's ragged groups (none for fixed-shape tasks); capacities from `config`."""
+    if not hasattr(task, "ragged_specs"):
+        return ()
+    if config is None:  # only the names are needed
+        config = ml_collections.ConfigDict({"max_rows_per_seq": 1, "text_seq_len": 1})
+    return task.ragged_specs(config)
+
+
+def _shared_specs(
+    task_list: Sequence[tasks.Task], config: ml_collections.ConfigDict
+) -> tuple[dict, tuple[packing.RaggedSpec, ...]]:
+    """(target spec, ragged specs) of a batch holding examples of any of the tasks: the union,
+    so every task's batches have the same keys and shapes (nothing recompiles)."""
+    target_spec, ragged_specs = {}, {}
+    for task in task_list:
+        entries = [(target_spec, name, spec) for name, spec in task.target_spec().items()]
+        entries += [(ragged_specs, s.name, s) for s in _task_ragged_specs(task, config)]
+        for table, name, spec in entries:
+            if table.setdefault(name, spec) != spec:
+                raise ValueError(
+                    f"Task {task.name!r} shapes {name!r} as {spec}, another task of data.tasks "
+                    f"as {table[name]}; give them the same data.task options (e.g. seq_len)."
+                )
+    return target_spec, tuple(ragged_specs.values())
 
 
 def per_image_dataset(
@@ -156,15 +236,28 @@ def per_image_dataset(
     train: bool,
     process_index: int = 0,
     process_count: int = 1,
+    task_names: Sequence[str] | None = None,
+    stream: tuple[int, ...] = (),
 ) -> grain.MapDataset:
-    """Random-access dataset of per-image elements for this host (also used to restore state)."""
-    task = tasks.get_task(config.task)
+    """Random-access dataset of per-image elements for this host (also used to restore state).
+
+    `task_names` (default: all of `data.tasks`) are mixed per example; `stream` tells the
+    per-task streams of batch mixing apart (their own shuffle and draws).
+    """
+    weights = dict(mixing.task_weights(config))
+    task_names = list(weights) if task_names is None else list(task_names)
+    task_list = [tasks.get_task(task_config(config, name)) for name in task_names]
+    seed = host_seed(config.seed, process_index, *stream)
     ds = grain.MapDataset.source(source)
     ds = ds.map_with_index(AddIndex("example_id"))  # the record's index in the whole source
-    ds = ds[process_index::process_count].seed(host_seed(config.seed, process_index))
+    ds = ds[process_index::process_count].seed(seed)
     if train and config.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(config.num_epochs if train else 1)
+    if len(task_list) > 1 and train:
+        ds = ds.map_with_index(mixing.SampleTask([weights[n] for n in task_names], seed))
+    elif len(task_list) > 1:
+        ds = mixing.EachTask(ds, len(task_list))
     ds = ds.map_with_index(AddIndex("stream_index"))  # position in this host's stream
     if train:
         resolution_config, max_tokens = config.resolution, config.seq_len
@@ -173,7 +266,7 @@ def per_image_dataset(
         max_tokens = config.eval_max_tokens
     return ds.random_map(
         PrepareImage(
-            task,
+            task_list,
             resolution_config,
             config.patch_size,
             max_tokens,
@@ -190,17 +283,53 @@ def make_dataset(
     train: bool,
     process_index: int = 0,
     process_count: int = 1,
-) -> packing.PackIterDataset:
+) -> grain.IterDataset:
     """The packed-batch grain dataset of `config` (architecture.md §6) over a decoded source.
 
     Training shuffles, repeats `num_epochs` times (None: forever) and drops tokens; evaluation
-    reads one epoch in order at the token budget and never drops.
+    reads one epoch in order at the token budget and never drops. Several tasks with
+    `data.mixing = "batch"` give a `mixing.BatchMixIterDataset` over one packer per task.
     """
     validate_data_config(config, process_count)
-    images = per_image_dataset(
-        source, config, train=train, process_index=process_index, process_count=process_count
+    weights = mixing.task_weights(config)
+    if train and len(weights) > 1 and config.mixing == "batch":
+        all_tasks = [tasks.get_task(task_config(config, name)) for name, _ in weights]
+        packers = [
+            _packed_dataset(
+                source, config, train, process_index, process_count, [name], (k,), all_tasks
+            )
+            for k, (name, _) in enumerate(weights)
+        ]
+        seed = host_seed(config.seed, process_index)
+        return mixing.BatchMixIterDataset(packers, [w for _, w in weights], seed)
+    names = [name for name, _ in weights]
+    all_tasks = [tasks.get_task(task_config(config, name)) for name in names]
+    return _packed_dataset(
+        source, config, train, process_index, process_count, names, (), all_tasks
     )
-    stream = images.to_iter_dataset(
+
+
+def _packed_dataset(
+    source: Sequence[dict],
+    config: ml_collections.ConfigDict,
+    train: bool,
+    process_index: int,
+    process_count: int,
+    task_names: Sequence[str],
+    stream: tuple[int, ...],
+    all_tasks: Sequence[tasks.Task],
+) -> packing.PackIterDataset:
+    """One packer over the examples of `task_names`, with the batch layout of `all_tasks`."""
+    images = per_image_dataset(
+        source,
+        config,
+        train=train,
+        process_index=process_index,
+        process_count=process_count,
+        task_names=task_names,
+        stream=stream,
+    )
+    elements = images.to_iter_dataset(
         grain.ReadOptions(num_threads=config.worker_threads, prefetch_buffer_size=16)
     )
     if config.num_workers > 0:
@@ -208,24 +337,25 @@ def make_dataset(
         # user, pytest) never parsed flags; their defaults are what we want then.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        stream = stream.mp_prefetch(
+        elements = elements.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=config.num_workers,
                 per_worker_buffer_size=config.worker_buffer_size,
             )
         )
-    task = tasks.get_task(config.task)
+    target_spec, ragged_specs = _shared_specs(all_tasks, config)
     patch_dim = config.patch_size * config.patch_size * patches.NUM_CHANNELS
     return packing.PackIterDataset(
-        stream,
+        elements,
         images.__getitem__,
         batch_size=config.batch_size // process_count,
         seq_len=config.seq_len,
         max_examples_per_seq=config.max_examples_per_seq,
         buffer_size=config.pack_buffer_size,
         patch_dim=patch_dim,
-        target_spec=task.target_spec(),
+        target_spec=target_spec,
         packing=config.packing,
         token_drop_config=config.token_drop if train else None,
-        seed=host_seed(config.seed, process_index),
+        seed=host_seed(config.seed, process_index, *stream),
+        ragged_specs=ragged_specs,
     )

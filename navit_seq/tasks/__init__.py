@@ -1,7 +1,9 @@
-"""Task encoders: each turns a decoded example into fixed-shape per-example targets.
+"""Task encoders: each turns a decoded example into per-example targets (and ragged groups).
 
 The pipeline, model and trainers only ever call `get_task(config)` and the `Task` interface, so
 adding a task is one module plus one line in `_TASKS`; nothing else branches on a task name.
+Task ids: 0 classification, 1 detection, 2 segmentation, 3 keypoints, 4 captioning (the
+Pix2Seq-v2 codecs, through `navit_seq.tasks.sequence`), 5 image_text (contrastive captions).
 """
 
 import importlib
@@ -13,6 +15,11 @@ import numpy as np
 # name -> (module, class). Imported lazily so a task's dependencies load only when it is used.
 _TASKS = {
     "classification": ("navit_seq.tasks.classification", "ClassificationTask"),
+    "detection": ("navit_seq.tasks.sequence", "detection"),
+    "segmentation": ("navit_seq.tasks.sequence", "segmentation"),
+    "keypoints": ("navit_seq.tasks.sequence", "keypoints"),
+    "captioning": ("navit_seq.tasks.sequence", "captioning"),
+    "image_text": ("navit_seq.tasks.image_text", "from_config"),
 }
 
 
@@ -30,11 +37,17 @@ class Task(Protocol):
         """
 
     def target_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """name -> (shape, dtype) of every target `encode` returns."""
+        """name -> (shape, dtype) of every target `encode` returns.
+
+        Optional: `ragged_specs(data_config) -> tuple[packing.RaggedSpec, ...]` for targets of a
+        variable first axis (decoder rows, caption tokens), returned by `encode` under the
+        spec's name.
+        """
 
 
 def get_task(config: ml_collections.ConfigDict) -> Task:
-    """The task named `config.name`, built from the rest of `config` (its options)."""
+    """The task named `config.name`, built from the rest of `config` (its options; the sequence
+    tasks' fields are listed in `navit_seq.tasks.sequence`)."""
     if config.name not in _TASKS:
         raise ValueError(f"data.task.name={config.name!r}; registered tasks: {sorted(_TASKS)}.")
     module_name, class_name = _TASKS[config.name]
