@@ -1,0 +1,171 @@
+"""The sequence objective (Pix2Seq v2): NaViT encoder + decoder over packed decoder rows.
+
+Plugs into the shared loop (`navit_seq.train.loop`) like `classification`: the model
+(`navit_seq.models.pix2seq.Pix2Seq`), the weighted token cross-entropy of
+`navit_seq.losses.sequence` (sum(w * ce) / sum(w) over the global batch, optional
+`config.loss.label_smoothing`), per-task losses for logging, and grain iterators over the
+sequence tasks of `data.task` / `data.tasks` (mixed per batch or per example, `data.mixing`).
+
+Logged per task (by the task of each row's image): `loss/<task>` (0 in a window without that
+task, never NaN) and `weight_share/<task>`, the task's share of the loss weight.
+"""
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+from clu import metrics as clu_metrics
+from flax import nnx
+
+from navit_seq.losses import sequence as losses
+from navit_seq.train.loop import MetricDict, Objective
+
+
+def default_loss_config() -> ml_collections.ConfigDict:
+    """`config.loss`: label smoothing 0 (Pix2Seq's reference trains without it)."""
+    return ml_collections.ConfigDict({"label_smoothing": 0.0})
+
+
+@flax.struct.dataclass
+class WeightedAverage(clu_metrics.Average):
+    """total / count with a float count (token weights); 0 when nothing was counted, so a task
+    absent from a logging window reads 0 instead of NaN (`weight_share` tells them apart)."""
+
+    def compute(self) -> jax.Array:
+        return jnp.where(self.count > 0, self.total / jnp.maximum(self.count, 1e-9), 0.0)
+
+
+def sequence_tasks(data_config: ml_collections.ConfigDict) -> list:
+    """The recipe's tasks (each checked to emit decoder rows)."""
+    from navit_seq import tasks
+    from navit_seq.data import mixing, pipeline
+
+    built = []
+    for name, _ in mixing.task_weights(data_config):
+        task = tasks.get_task(pipeline.task_config(data_config, name))
+        if not hasattr(task, "vocab"):
+            raise ValueError(
+                f"data task {name!r} is not a sequence task; the sequence trainer takes "
+                "detection, segmentation, keypoints and captioning."
+            )
+        built.append(task)
+    return built
+
+
+def task_ids(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """name -> task id of the recipe's tasks (for per-task losses)."""
+    return {task.name: task.task_id for task in sequence_tasks(config.data)}
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> None:
+    """Fills the decoder's vocabulary size from the tasks' shared vocabulary; checks lengths."""
+    vocab_size = max(task.vocab.size for task in sequence_tasks(config.data))
+    decoder = config.model.decoder
+    if not decoder.get("vocab_size"):
+        with config.unlocked():
+            decoder.vocab_size = vocab_size
+    if decoder.vocab_size < vocab_size:
+        raise ValueError(
+            f"config.model.decoder.vocab_size={decoder.vocab_size} < the tasks' vocabulary "
+            f"size {vocab_size} (classes, coordinate bins, text); set it to {vocab_size} or 0."
+        )
+    if decoder.max_len < config.data.task.seq_len:
+        raise ValueError(
+            f"config.model.decoder.max_len={decoder.max_len} < data.task.seq_len="
+            f"{config.data.task.seq_len}; the decoder's position table must cover every row."
+        )
+    if config.model.patch_size != config.data.patch_size:
+        raise ValueError(
+            f"config.model.patch_size={config.model.patch_size} differs from "
+            f"config.data.patch_size={config.data.patch_size}; they must be equal."
+        )
+
+
+def model_fn(config: ml_collections.ConfigDict):
+    """Builds Pix2Seq of `config.model` with parameters from `config.seed`."""
+    from navit_seq.models.pix2seq import Pix2Seq
+
+    return lambda: Pix2Seq(config.model, rngs=nnx.Rngs(config.seed))
+
+
+def _metrics(
+    loss_sum: jax.Array,
+    weight_sum: jax.Array,
+    weighted: jax.Array,
+    batch: Mapping[str, Any],
+    ids: Mapping[str, int],
+) -> MetricDict:
+    metrics: MetricDict = {"loss": WeightedAverage(total=loss_sum, count=weight_sum)}
+    per_task = losses.per_task_sums(weighted, batch["decoder_weights"], batch, ids)
+    for name, (task_loss, task_weight) in per_task.items():
+        metrics[f"loss/{name}"] = WeightedAverage(total=task_loss, count=task_weight)
+        metrics[f"weight_share/{name}"] = WeightedAverage(total=task_weight, count=weight_sum)
+    return metrics
+
+
+def make_loss(config: ml_collections.ConfigDict, ids: Mapping[str, int]):
+    """loss(model, batch, deterministic) -> (sum of w * ce, sum of w, metrics)."""
+    smoothing = config.get("loss", default_loss_config()).get("label_smoothing", 0.0)
+
+    def loss(
+        model: nnx.Module, batch: Mapping[str, Any], deterministic: bool
+    ) -> tuple[jax.Array, jax.Array, MetricDict]:
+        logits = model(batch, deterministic=deterministic)["logits"]  # [B, R, T, V]
+        loss_sum, weight_sum, weighted = losses.weighted_sums(
+            logits, batch["decoder_target"], batch["decoder_weights"], smoothing
+        )
+        return loss_sum, weight_sum, _metrics(loss_sum, weight_sum, weighted, batch, ids)
+
+    return loss
+
+
+def make_eval_metrics(config: ml_collections.ConfigDict, ids: Mapping[str, int]):
+    """Teacher-forced token loss, overall and per task (no dropout, no label smoothing)."""
+
+    def eval_metrics(model: nnx.Module, batch: Mapping[str, Any]) -> MetricDict:
+        logits = model(batch, deterministic=True)["logits"]
+        loss_sum, weight_sum, weighted = losses.weighted_sums(
+            logits, batch["decoder_target"], batch["decoder_weights"]
+        )
+        return _metrics(loss_sum, weight_sum, weighted, batch, ids)
+
+    return eval_metrics
+
+
+def _dataset(data_config: ml_collections.ConfigDict, split: str, train: bool):
+    from navit_seq.data import pipeline, sources
+
+    source = sources.data_source(data_config.name, split, data_dir=data_config.data_dir)
+    return pipeline.make_dataset(
+        source,
+        data_config,
+        train=train,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def train_iterator(config: ml_collections.ConfigDict) -> Iterator:
+    """This host's checkpointable iterator over packed batches with decoder rows."""
+    return iter(_dataset(config.data, config.data.train_split, train=True))
+
+
+def eval_iterator(config: ml_collections.ConfigDict) -> Iterable:
+    """One pass over this host's share of the eval split: every example once by each task."""
+    return _dataset(config.data, config.data.eval_split, train=False)
+
+
+def objective(config: ml_collections.ConfigDict) -> Objective:
+    """The sequence objective of a recipe (`config.trainer = "sequence"`)."""
+    resolve_config(config)
+    ids = task_ids(config)
+    return Objective(
+        model_fn=model_fn(config),
+        loss=make_loss(config, ids),
+        eval_metrics=make_eval_metrics(config, ids),
+        train_iterator=lambda: train_iterator(config),
+        eval_iterator=lambda: eval_iterator(config),
+    )

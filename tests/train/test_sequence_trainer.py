@@ -1,0 +1,131 @@
+"""The sequence objective: token loss and per-task metrics vs float64 numpy; trains on scenes."""
+
+import json
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from navit_seq.train import loop, sequence
+
+IDS = {"detection": 1, "captioning": 4}
+
+
+class FixedLogits:
+    """A stand-in model returning given logits (the objective only reads `logits`)."""
+
+    def __init__(self, logits):
+        self.logits = jnp.asarray(logits)
+
+    def __call__(self, batch, deterministic):
+        return {"logits": self.logits}
+
+
+def numpy_xent(logits, targets, smoothing=0.0):
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    labels = np.eye(logits.shape[-1])[targets] * (1 - smoothing) + smoothing / logits.shape[-1]
+    return -(labels * log_probs).sum(-1)
+
+
+@pytest.fixture
+def case():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (2, 3, 4, 7))
+    targets = rng.integers(0, 7, (2, 3, 4))
+    weights = rng.choice([0.0, 0.1, 1.0], (2, 3, 4)).astype(np.float32)
+    weights[1, 2] = 0  # padding row
+    logits[1, 2] = 1e4  # garbage there must not leak
+    batch = {
+        "decoder_target": jnp.asarray(targets),
+        "decoder_weights": jnp.asarray(weights),
+        "row_slot": jnp.asarray([[0, 1, 1], [0, 0, -1]], jnp.int32),
+        "task_id": jnp.asarray([[1, 4], [4, 0]], jnp.int32),
+    }
+    return logits, targets, weights, batch
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_loss_sums_and_per_task_losses_match_numpy(case, smoothing):
+    logits, targets, weights, batch = case
+    config = ml_collections.ConfigDict({"loss": {"label_smoothing": smoothing}})
+    loss_sum, weight_sum, metrics = sequence.make_loss(config, IDS)(
+        FixedLogits(logits), batch, False
+    )
+    per_token = numpy_xent(logits, targets, smoothing) * weights
+    per_token[1, 2] = 0
+    np.testing.assert_allclose(float(loss_sum), per_token.sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(weight_sum), weights.sum(), rtol=1e-6)
+    scalars = loop.compute_metrics(metrics)
+    np.testing.assert_allclose(scalars["loss"], per_token.sum() / weights.sum(), rtol=1e-5)
+    # Rows of task 1: (0, 0); of task 4: (0, 1), (0, 2), (1, 0), (1, 1).
+    detection, captioning = [(0, 0)], [(0, 1), (0, 2), (1, 0), (1, 1)]
+    for name, rows in (("detection", detection), ("captioning", captioning)):
+        task_loss = sum(per_token[r].sum() for r in rows)
+        task_weight = sum(weights[r].sum() for r in rows)
+        np.testing.assert_allclose(scalars[f"loss/{name}"], task_loss / task_weight, rtol=1e-5)
+        np.testing.assert_allclose(
+            scalars[f"weight_share/{name}"], task_weight / weights.sum(), rtol=1e-5
+        )
+
+
+def test_task_absent_from_the_batch_logs_zero_not_nan(case):
+    logits, _, _, batch = case
+    metrics = sequence.make_eval_metrics(None, {"keypoints": 3})(FixedLogits(logits), batch)
+    scalars = loop.compute_metrics(metrics)
+    assert scalars["loss/keypoints"] == 0.0 and scalars["weight_share/keypoints"] == 0.0
+
+
+def sequence_recipe(data_dir: str) -> ml_collections.ConfigDict:
+    """Detection + captioning on the scene dataset with a tiny Pix2Seq, 3 steps."""
+    from navit_seq import config_utils
+    from navit_seq.models.pix2seq import default_pix2seq_config
+
+    config = config_utils.load_config_file("configs/quickstart.py:steps=3")
+    config.trainer = "sequence"
+    del config["loss"]  # the quickstart's is a classification loss name
+    config.loss = sequence.default_loss_config()
+    config.loss.label_smoothing = 0.1
+    config.data.update(data_dir=data_dir, num_workers=0, batch_size=8, max_rows_per_seq=4)
+    config.data.update(tasks=(("detection", 0.5), ("captioning", 0.5)), mixing="batch")
+    config.data.task = {"name": "detection", "seq_len": 24}
+    model = default_pix2seq_config()
+    model.update(variant="Ti", width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=16)
+    model.posemb.max_len = 16
+    model.decoder.update(variant="Ti", width=32, depth=1, num_heads=2, mlp_dim=64, max_len=24)
+    config.model = model
+    config.log_every_steps = 1
+    config.eval_every_steps = 3
+    config.checkpoint_every_steps = 3
+    return config
+
+
+def test_recipe_fills_the_decoder_vocabulary_from_the_tasks(scenes_data_dir):
+    from navit_seq import tasks
+    from navit_seq.data import pipeline
+
+    config = sequence_recipe(scenes_data_dir)
+    sequence.resolve_config(config)
+    task = tasks.get_task(pipeline.task_config(config.data, "captioning"))
+    assert config.model.decoder.vocab_size == task.vocab.size
+
+
+def test_decoder_shorter_than_the_rows_is_rejected_naming_both_fields(scenes_data_dir):
+    config = sequence_recipe(scenes_data_dir)
+    config.model.decoder.max_len = 16
+    with pytest.raises(ValueError, match=r"decoder.max_len=16 < data.task.seq_len=24"):
+        sequence.resolve_config(config)
+
+
+def test_sequence_recipe_trains_and_evaluates_on_the_scene_dataset(scenes_data_dir, tmp_path):
+    config = sequence_recipe(scenes_data_dir)
+    config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
+    loop.train_and_evaluate(config, tmp_path, sequence.objective(config))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    (evaluation,) = [r for r in rows if r["split"] == "eval"]
+    assert len(train) == 3 and all(np.isfinite(r["loss"]) for r in train)
+    # Evaluation encodes every image by both tasks: both carry loss weight.
+    assert evaluation["weight_share/detection"] > 0 and evaluation["weight_share/captioning"] > 0
+    assert np.isfinite(evaluation["loss/detection"]) and np.isfinite(evaluation["loss/captioning"])
