@@ -49,6 +49,6 @@ def get_task(config: ml_collections.ConfigDict) -> Task:
     """The task named `config.name`, built from the rest of `config` (its options; the sequence
     tasks' fields are listed in `navit_seq.tasks.sequence`)."""
     if config.name not in _TASKS:
-        raise ValueError(f"data.task.name={config.name!r}; registered tasks: {sorted(_TASKS)}.")
+        raise ValueError(f"data.task.name={config.name!r}; registered tasks: {list(_TASKS)}.")
     module_name, class_name = _TASKS[config.name]
     return getattr(importlib.import_module(module_name), class_name)(config)
