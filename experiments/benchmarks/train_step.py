@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import flops as flop_count  # experiments/benchmarks/flops.py, next to this script
 import grain
 import jax
 import jax.numpy as jnp
@@ -38,9 +38,6 @@ from flax import nnx
 from navit_seq.data import packing, patches
 from navit_seq.losses import classification as losses
 from navit_seq.models import classifier, navit, pooling
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flops as flop_count  # noqa: E402
 
 Batch = dict[str, np.ndarray]
 Forward = Callable[[nnx.Module, Batch], jax.Array]  # (model, batch) -> logits [B, E, C]
