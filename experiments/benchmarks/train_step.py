@@ -281,28 +281,32 @@ class StepTiming:
     cpu_s: float
 
 
-def time_steps(run_step: Callable[[], Any], *, warmup: int, steps: int) -> StepTiming:
-    """Times `run_step` (which must block until its results are ready) after `warmup` calls."""
-    walls, cpus = [], []
-    for i in range(warmup + steps):
-        wall, cpu = time.perf_counter(), time.process_time()
-        run_step()
-        if i >= warmup:
-            walls.append(time.perf_counter() - wall)
-            cpus.append(time.process_time() - cpu)
-    return StepTiming(statistics.median(walls), statistics.median(cpus))
+def time_interleaved(
+    run_steps: list[Callable[[], Any]], *, warmup: int, steps: int
+) -> list[StepTiming]:
+    """Times each blocking `run_steps[i]`, calling them in turn, after `warmup` rounds.
+
+    Interleaving exposes every step to the same load, so their ratio holds on a busy machine.
+    """
+    walls = [[] for _ in run_steps]
+    cpus = [[] for _ in run_steps]
+    for round_index in range(warmup + steps):
+        for run_step, step_walls, step_cpus in zip(run_steps, walls, cpus, strict=True):
+            wall, cpu = time.perf_counter(), time.process_time()
+            run_step()
+            if round_index >= warmup:
+                step_walls.append(time.perf_counter() - wall)
+                step_cpus.append(time.process_time() - cpu)
+    return [
+        StepTiming(statistics.median(w), statistics.median(c))
+        for w, c in zip(walls, cpus, strict=True)
+    ]
 
 
-def time_jax_step(
-    model: nnx.Module,
-    forward: Forward,
-    batch: Batch,
-    *,
-    warmup: int,
-    steps: int,
-    compiler_options: dict[str, str],
-) -> tuple[StepTiming, jax.stages.Compiled]:
-    """Times the jitted step on `batch` (donated state carried from step to step)."""
+def compile_jax_step(
+    model: nnx.Module, forward: Forward, batch: Batch, compiler_options: dict[str, str]
+) -> tuple[Callable[[], None], jax.stages.Compiled]:
+    """A blocking runner of the compiled step on `batch` (donated state carried over)."""
     train_step, state = make_train_step(model, forward)
     device_batch = jax.device_put(batch)
     compiled = train_step.lower(*state, device_batch).compile(compiler_options=compiler_options)
@@ -314,7 +318,7 @@ def time_jax_step(
         if not np.isfinite(float(loss)):
             raise RuntimeError(f"the training step produced a non-finite loss: {float(loss)}")
 
-    return time_steps(run_step, warmup=warmup, steps=steps), compiled
+    return run_step, compiled
 
 
 def xla_flops(compiled: jax.stages.Compiled) -> float | None:
@@ -408,7 +412,8 @@ def time_peer_step(
         optimizer.step()
 
     model.train()
-    return time_steps(step, warmup=warmup, steps=steps)
+    (timing,) = time_interleaved([step], warmup=warmup, steps=steps)
+    return timing
 
 
 # ----------------------------------------------------------------------------- main
@@ -454,9 +459,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     compiler_options = CPU_COMPILER_OPTIONS if on_cpu and not args.xla_defaults else {}
     load_before = os.getloadavg()[0]
     model = build_classifier(workload, seed=workload.seed)
-    timing = {"warmup": args.warmup, "steps": args.steps, "compiler_options": compiler_options}
-    packed_step, compiled = time_jax_step(model, packed_logits, packed, **timing)
-    fixed_step, _ = time_jax_step(model, unmasked_logits, fixed, **timing)
+    run_packed, compiled = compile_jax_step(model, packed_logits, packed, compiler_options)
+    run_fixed, _ = compile_jax_step(model, unmasked_logits, fixed, compiler_options)
+    packed_step, fixed_step = time_interleaved(
+        [run_packed, run_fixed], warmup=args.warmup, steps=args.steps
+    )
     peer_step = None
     if not args.skip_peer:
         peer_step = time_peer_step(
