@@ -5,7 +5,8 @@
 builder yields every annotation kind, architecture.md §1). Two modes (`data.mixing`):
 
 - "batch": each batch comes from one task (the paper's batch mixing). One packed pipeline per
-  task; batch n is taken from task k ~ weights, drawn by a generator seeded by (seed, n).
+  task; batch n is taken from task k ~ weights, drawn by a generator seeded by (seed, n) with
+  the same `data.seed` on every host, so a global batch is one task across hosts.
 - "data": tasks mix inside a packed batch. Example i of the stream is encoded by task
   k ~ weights, drawn by a generator seeded by (seed, i).
 

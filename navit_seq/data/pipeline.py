@@ -300,8 +300,8 @@ def make_dataset(
             )
             for k, (name, _) in enumerate(weights)
         ]
-        seed = host_seed(config.seed, process_index)
-        return mixing.BatchMixIterDataset(packers, [w for _, w in weights], seed)
+        # The same draw on every host: a global batch is one task across all hosts.
+        return mixing.BatchMixIterDataset(packers, [w for _, w in weights], config.seed)
     names = [name for name, _ in weights]
     all_tasks = [tasks.get_task(task_config(config, name)) for name in names]
     return _packed_dataset(

@@ -112,3 +112,17 @@ def test_tasks_that_shape_rows_differently_raise_naming_the_option(scenes_data_d
     config.task.captioning = {"seq_len": 16}
     with pytest.raises(ValueError, match="same data.task options"):
         pipeline.make_dataset(train_source, config, train=True)
+
+
+def test_batch_mixing_draws_the_same_task_on_every_host(scenes_data_dir, train_source):
+    config = mixed_config(scenes_data_dir, "batch")
+    hosts = [
+        pipeline.make_dataset(
+            train_source, config, train=True, process_index=index, process_count=2
+        )
+        for index in range(2)
+    ]
+    for first, second in zip(*(zip(range(8), host, strict=False) for host in hosts), strict=True):
+        tasks = [set(b["task_id"][b["example_valid"]].tolist()) for _, b in (first, second)]
+        assert tasks[0] == tasks[1] and len(tasks[0]) == 1
+        assert not np.array_equal(first[1]["example_id"], second[1]["example_id"])
