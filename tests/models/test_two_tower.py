@@ -128,3 +128,13 @@ def test_pooling_none_for_the_image_tower_raises_naming_the_fix():
     config.image.pooling = "none"
     with pytest.raises(ValueError, match="model.image.pooling='none'"):
         TwoTower(config, rngs=nnx.Rngs(0))
+
+
+ALLOWED_NAMES = {"embed", "mlp", "heads", "head_dim", "patch", "vocab", "posemb_len", None}
+
+
+def test_every_parameter_has_one_logical_axis_name_per_dimension(model):
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = variable.get_metadata()["out_sharding"]
+        assert len(names) == variable[...].ndim, path
+        assert set(names) <= ALLOWED_NAMES, path
