@@ -106,14 +106,15 @@ class AddIndex(grain.transforms.MapWithIndex):
 class PrepareImage(grain.transforms.RandomMap):
     """Decoded example -> per-image element of architecture.md §2 (task targets, resized tokens).
 
-    The task is `tasks[element["task_index"]]` (0 without mixing). Ragged groups the task returns
-    go under `ragged`; a group with `crop_box [R, 4]` (rows that see a crop) gives one image per
-    row, cut from the example with that box (`{images: [...], counts, stream_index}`).
+    The task is `task_list[element["task_index"]]` (0 without mixing). Ragged groups the task
+    returns go under `ragged`; a group with `crop_box [R, 4]` (rows that see a crop) gives one
+    image per row, cut from the example with that box (`{images: [...], counts, ...}`).
     """
 
     def __init__(
         self,
         task_list: Sequence[tasks.Task],
+        ragged_names: Sequence[str],
         resolution_config: ml_collections.ConfigDict,
         patch_size: int,
         max_tokens: int,
@@ -121,9 +122,7 @@ class PrepareImage(grain.transforms.RandomMap):
         training: bool,
     ):
         self.task_list = list(task_list)
-        self.ragged_names = {
-            spec.name for task in self.task_list for spec in _task_ragged_specs(task, None)
-        }
+        self.ragged_names = tuple(ragged_names)
         self.training = training
         self.resolution_config = resolution_config
         self.patch_size = patch_size
@@ -201,14 +200,10 @@ def task_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.
 
 
 def _task_ragged_specs(
-    task: tasks.Task, config: ml_collections.ConfigDict | None
+    task: tasks.Task, config: ml_collections.ConfigDict
 ) -> tuple[packing.RaggedSpec, ...]:
     """The task's ragged groups (none for fixed-shape tasks); capacities from `config`."""
-    if not hasattr(task, "ragged_specs"):
-        return ()
-    if config is None:  # only the names are needed
-        config = ml_collections.ConfigDict({"max_rows_per_seq": 1, "text_seq_len": 1})
-    return task.ragged_specs(config)
+    return task.ragged_specs(config) if hasattr(task, "ragged_specs") else ()
 
 
 def _shared_specs(
@@ -264,9 +259,11 @@ def per_image_dataset(
     else:  # evaluation: the largest size that fits the token budget, deterministic
         resolution_config = ml_collections.ConfigDict({**config.resolution, "kind": "token_budget"})
         max_tokens = config.eval_max_tokens
+    ragged_names = {spec.name for task in task_list for spec in _task_ragged_specs(task, config)}
     return ds.random_map(
         PrepareImage(
             task_list,
+            sorted(ragged_names),
             resolution_config,
             config.patch_size,
             max_tokens,
