@@ -51,6 +51,16 @@ def merge_metrics(total: MetricDict | None, new: MetricDict) -> MetricDict:
     return {name: total[name].merge(metric) for name, metric in new.items()}
 
 
+def host_metrics(metrics: MetricDict) -> MetricDict:
+    """Waits for a step's metrics and moves them to numpy; the host then merges them in numpy.
+
+    Why not merge on device: the main thread dispatching JAX ops while a step that runs a host
+    callback (the encoder's position-range check) is in flight can deadlock JAX's CPU client
+    (jax-ml/jax#25861). Waiting per step costs little: the grain pipeline prefetches anyway.
+    """
+    return jax.device_get(metrics)
+
+
 def compute_metrics(metrics: MetricDict) -> dict[str, float]:
     """Final scalar values (host floats) of accumulated clu metrics."""
     return metrics_lib.to_scalars({name: m.compute() for name, m in metrics.items()})
@@ -250,7 +260,7 @@ class Trainer:
             with self.context():
                 for local_batch in iterator:
                     batch = self.global_batch(local_batch)
-                    total = merge_metrics(total, self._eval_step(state, batch))
+                    total = merge_metrics(total, host_metrics(self._eval_step(state, batch)))
         finally:
             close_iterator(iterator)
         if total is None:
@@ -337,9 +347,8 @@ def train_and_evaluate(
                 batch = trainer.global_batch(local_batch)
                 state, step_metrics = trainer.train_step(state, batch)
             step += 1
-            window = merge_metrics(window, step_metrics)
+            window = merge_metrics(window, host_metrics(step_metrics))
             if step == start_step + 1:
-                jax.block_until_ready(step_metrics)
                 window_start = time.perf_counter()
             else:
                 timed_steps += 1
