@@ -29,7 +29,7 @@ from flax import nnx
 from navit_seq import sharding
 from navit_seq.evaluation import retrieval
 from navit_seq.losses import contrastive as losses
-from navit_seq.train.loop import MetricDict, Objective, model_inputs
+from navit_seq.train.loop import MetricDict, Objective, close_iterator, model_inputs
 
 LOSSES = ("sigmoid", "softmax")
 
@@ -234,10 +234,14 @@ def zero_shot_classification(
     data_config.task = dict(name="classification", num_classes=len(names))
     embed_images = jax.jit(lambda batch: model.embed_images(batch, deterministic=True))
     image_emb, labels = [], []
-    for batch in _dataset(data_config, data_config.eval_split, train=False):
-        embeddings, valid = jax.device_get(embed_images(model_inputs(batch)))
-        image_emb.append(embeddings[valid])  # [n, D]
-        labels.append(batch["targets"]["labels"][valid] > 0.5)  # [n, C]
+    batches = iter(_dataset(data_config, data_config.eval_split, train=False))
+    try:
+        for batch in batches:
+            embeddings, valid = jax.device_get(embed_images(model_inputs(batch)))
+            image_emb.append(embeddings[valid])  # [n, D]
+            labels.append(batch["targets"]["labels"][valid] > 0.5)  # [n, C]
+    finally:
+        close_iterator(batches)  # stops the grain workers now
     return retrieval.zero_shot_accuracy(
         np.concatenate(image_emb), class_emb, np.concatenate(labels), ks=ks
     )
