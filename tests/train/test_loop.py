@@ -62,26 +62,29 @@ def test_batch_not_divisible_by_shards_times_accumulation_raises():
         loop.Trainer(config, toy_objective(config))
 
 
-def test_ema_tracks_parameters_with_the_configured_decay():
+@pytest.fixture(scope="module")
+def one_ema_step():
+    """(config, initial params, the batch, state after one step, its scalars), EMA decay 0.5."""
     config = toy_config((-1, 1, 1))
     config.optimizer.ema_decay = 0.5
     objective = toy_objective(config)
     trainer = loop.Trainer(config, objective)
     state = trainer.init_state()
     initial = jax.tree.map(np.asarray, state.params)
-    state, _ = trainer.train_step(state, trainer.global_batch(next(objective.train_iterator())))
+    local = next(objective.train_iterator())
+    state, metrics = trainer.train_step(state, trainer.global_batch(local))
+    return config, initial, local, state, loop.compute_metrics(metrics)
+
+
+def test_ema_tracks_parameters_with_the_configured_decay(one_ema_step):
+    _, initial, _, state, _ = one_ema_step
     expected = jax.tree.map(lambda p0, p1: 0.5 * p0 + 0.5 * np.asarray(p1), initial, state.params)
     for e, got in zip(jax.tree.leaves(expected), jax.tree.leaves(state.ema_params), strict=True):
         np.testing.assert_allclose(np.asarray(got), e, rtol=1e-6)
 
 
-def test_train_step_reports_padding_fraction_and_counts_of_the_batch():
-    config = toy_config((-1, 1, 1))
-    objective = toy_objective(config)
-    trainer = loop.Trainer(config, objective)
-    local = next(objective.train_iterator())
-    _, metrics = trainer.train_step(trainer.init_state(), trainer.global_batch(local))
-    scalars = loop.compute_metrics(metrics)
+def test_train_step_reports_padding_fraction_and_counts_of_the_batch(one_ema_step):
+    config, _, local, _, scalars = one_ema_step
     assert scalars["padding_fraction"] == pytest.approx(np.mean(local["segment_ids"] == 0))
     assert scalars["images_per_step"] == local["example_valid"].sum()
     assert scalars["tokens_per_step"] == (local["segment_ids"] > 0).sum()
