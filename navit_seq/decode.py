@@ -23,9 +23,10 @@ from navit_seq.tasks.vocab import END
 
 METHODS = ("greedy", "sample", "beam")
 
-# (tokens [B, R, P + max_len] so far, position of the token being chosen) -> allowed tokens,
-# bool broadcastable to [B, R, V]. It must allow at least one token (e.g. END) everywhere and
-# be a hashable, reused object (it is a static argument: a new function recompiles).
+# (tokens [B, R', P + max_len] so far, position of the token being chosen) -> allowed tokens,
+# bool broadcastable to [B, R', V]; R' = R, or R * beam_size in beam search (row r's beams are
+# rows r * K .. r * K + K - 1). It must allow at least one token (e.g. END) everywhere and be
+# a hashable, reused object (it is a static argument: a new function recompiles).
 TokenMask = Callable[[jax.Array, jax.Array], jax.Array]
 
 

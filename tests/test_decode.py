@@ -21,6 +21,7 @@ ROW_SLOT = np.array([[0, 1, 0], [0, -1, -1]], np.int32)
 PROMPT = np.array([[[3], [5], [7]], [[4], [1], [1]]], np.int32)  # [B, R, P = 1]
 GREEDY = DecodeConfig(max_len=MAX_LEN)
 SAMPLE = DecodeConfig(max_len=MAX_LEN, method="sample", temperature=2.0)
+BEAM = DecodeConfig(max_len=MAX_LEN, method="beam", beam_size=4)
 
 
 def packed_batch(row_slot=ROW_SLOT) -> dict[str, np.ndarray]:
@@ -114,9 +115,9 @@ def stop_at_prompt_value(tokens: jax.Array, position: jax.Array) -> jax.Array:
     return jnp.where(stop_now, is_end, ~is_end)  # [B, R, V]
 
 
-@pytest.mark.parametrize("method", ["greedy", "sample"])
+@pytest.mark.parametrize("method", ["greedy", "sample", "beam"])
 def test_early_stop_gives_the_same_tokens_as_full_length_decoding(model, method):
-    early = {"greedy": GREEDY, "sample": SAMPLE}[method]
+    early = {"greedy": GREEDY, "sample": SAMPLE, "beam": BEAM}[method]
     full = dataclasses.replace(early, early_stop=False)
     stopped = decode(model, early, stop_at_prompt_value, rng=3)
     complete = decode(model, full, stop_at_prompt_value, rng=3)
@@ -202,13 +203,15 @@ def test_constrained_decoding_never_emits_a_masked_token(model, method):
 
 
 def test_beam_search_with_one_beam_equals_greedy(model, greedy):
-    beam = decode(model, DecodeConfig(max_len=MAX_LEN, method="beam", beam_size=1))
+    # Without the cache, so the recomputing path of beam search is checked too.
+    config = DecodeConfig(max_len=MAX_LEN, method="beam", beam_size=1, use_cache=False)
+    beam = decode(model, config)
     np.testing.assert_array_equal(beam["tokens"], greedy["tokens"])
     np.testing.assert_allclose(beam["score"], greedy["score"], rtol=1e-5)
 
 
 def test_beam_search_scores_at_least_greedy_and_its_score_is_the_true_log_prob(model, greedy):
-    beam = decode(model, DecodeConfig(max_len=MAX_LEN, method="beam", beam_size=4))
+    beam = decode(model, BEAM)
     real = ROW_SLOT >= 0
     assert (beam["score"][real] >= greedy["score"][real] - 1e-5).all()
     assert (beam["score"][real] > greedy["score"][real] + 1e-3).any()

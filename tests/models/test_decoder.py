@@ -187,3 +187,11 @@ def test_bad_configs_and_rows_longer_than_max_len_raise_naming_the_fix(decoder):
     too_long = np.zeros((2, 3, MAX_LEN + 1), np.int32)
     with pytest.raises(ValueError, match="max_len"):
         decoder(too_long, encoded, SEGMENT_IDS, ROW_SLOT, deterministic=True)
+
+
+def test_bfloat16_activations_run_and_stay_close_to_float32(reference_logits):
+    tokens, encoded = inputs()
+    decoder = Decoder(tiny_config(dtype="bfloat16"), ENCODER_WIDTH, rngs=nnx.Rngs(0))
+    logits = forward(decoder, tokens, encoded, SEGMENT_IDS, ROW_SLOT)
+    assert logits.dtype == np.float32  # logits always leave in float32 for the loss
+    np.testing.assert_allclose(np.asarray(logits), reference_logits, atol=0.05)
