@@ -119,10 +119,10 @@ def generate(
     calls made: max_len without early stop).
     """
     decoder = model.decoder
-    if prompt.ndim != 3 or prompt.shape[:2] != batch["row_slot"].shape:
+    if prompt.ndim != 3 or prompt.shape[:2] != batch["row_slot"].shape or not prompt.shape[2]:
         raise ValueError(
             f"prompt {prompt.shape} must be [B, R, P] with [B, R] = row_slot "
-            f"{batch['row_slot'].shape}."
+            f"{batch['row_slot'].shape} and P >= 1 (the task prompt token comes first)."
         )
     if prompt.shape[-1] + config.max_len > decoder.max_len:
         raise ValueError(

@@ -230,6 +230,10 @@ def test_bad_decode_config_raises_naming_the_field(field, value):
         DecodeConfig(**{"max_len": MAX_LEN, field: value})
 
 
-def test_prompt_plus_max_len_beyond_the_decoder_positions_raises(model):
+def test_prompts_that_do_not_fit_the_rows_or_positions_raise(model):
     with pytest.raises(ValueError, match="max_len"):
         decode(model, DecodeConfig(max_len=16))
+    with pytest.raises(ValueError, match="row_slot"):
+        decode(model, GREEDY, prompt=PROMPT[:, :2])
+    with pytest.raises(ValueError, match="P >= 1"):
+        decode(model, GREEDY, prompt=PROMPT[:, :, :0])
