@@ -92,7 +92,11 @@ def sequence_recipe(data_dir: str) -> ml_collections.ConfigDict:
     config.data.task = {"name": "detection", "seq_len": 24}
     model = default_pix2seq_config()
     model.update(variant="Ti", width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=16)
-    model.posemb.max_len = 16
+    model.posemb.max_len = config.data.max_grid_side = 16
+    # posemb's "error" check passes table_len to jax.debug.callback, which makes it an array;
+    # comparing it inside the callback runs a JAX op there and can deadlock a loaded CPU.
+    # The grid cap above keeps every position in the table, so "clamp" never clamps here.
+    model.posemb.out_of_range = "clamp"
     model.decoder.update(variant="Ti", width=32, depth=1, num_heads=2, mlp_dim=64, max_len=24)
     config.model = model
     config.log_every_steps = 1
@@ -118,6 +122,26 @@ def test_decoder_shorter_than_the_rows_is_rejected_naming_both_fields(scenes_dat
         sequence.resolve_config(config)
 
 
+def test_objective_gives_a_finite_loss_on_a_pipeline_batch_of_all_four_tasks(scenes_data_dir):
+    import jax
+
+    config = sequence_recipe(scenes_data_dir)
+    config.data.tasks = tuple((name, 1.0) for name in ("detection", "segmentation", "keypoints",
+                                                        "captioning"))  # fmt: skip
+    config.data.mixing = "data"
+    config.data.task.seq_len = config.model.decoder.max_len = 40  # keypoints: 6 + 34 tokens
+    objective = sequence.objective(config)
+    batch = loop.model_inputs(next(objective.train_iterator()))
+    model = objective.model_fn()
+    loss_sum, weight_sum, metrics = jax.jit(lambda b: objective.loss(model, b, True))(batch)
+    scalars = loop.compute_metrics(metrics)
+    assert float(weight_sum) == pytest.approx(batch["decoder_weights"].sum(), rel=1e-6)
+    assert np.isfinite(float(loss_sum)) and float(loss_sum) > 0
+    shares = [scalars[f"weight_share/{name}"] for name in sequence.task_ids(config)]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.slow  # ~25-60 s on 2 shared cores: compiles the train and eval steps
 def test_sequence_recipe_trains_and_evaluates_on_the_scene_dataset(scenes_data_dir, tmp_path):
     config = sequence_recipe(scenes_data_dir)
     config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
