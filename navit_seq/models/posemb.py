@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from navit_seq.models.index_check import check_index_below
 from navit_seq.models.partitioning import param
 
 KINDS = ("factorized", "learned_1d", "learned_2d")
@@ -60,11 +61,6 @@ def _out_of_range_message(largest: int, table_len: int, what: str) -> str:
         "sinusoidal/fourier embedding, or set model.posemb.out_of_range='clamp' to reuse "
         "the last entry."
     )
-
-
-def _raise_if_out_of_range(largest: np.ndarray, table_len: int, what: str) -> None:
-    if int(largest) >= table_len:
-        raise ValueError(_out_of_range_message(int(largest), table_len, what))
 
 
 def sinusoidal_frequencies(dim: int, axis: int) -> np.ndarray:
@@ -176,11 +172,9 @@ class PositionalEmbedding(nnx.Module):
     def _table_index(self, index: jax.Array, table_len: int, what: str) -> jax.Array:
         """Checks (policy "error") and clips `index` into a table of `table_len` entries."""
         if self.out_of_range == "error":
-            largest = jnp.max(index)
-            if isinstance(largest, jax.core.Tracer):
-                jax.debug.callback(_raise_if_out_of_range, largest, table_len, what)
-            else:
-                _raise_if_out_of_range(np.asarray(largest), table_len, what)
+            check_index_below(
+                index, table_len, lambda largest: _out_of_range_message(largest, table_len, what)
+            )
         return jnp.clip(index, 0, table_len - 1)
 
 

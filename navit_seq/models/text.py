@@ -14,10 +14,10 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from navit_seq.models.attention import segment_attend_mask
+from navit_seq.models.index_check import check_index_below
 from navit_seq.models.navit import MLP, EncoderBlock, dtype_of, model_sizes
 from navit_seq.models.partitioning import constrain, param, partitioned
 from navit_seq.models.pooling import POOLINGS, MAPHead, masked_mean_pool, slot_token_mask
@@ -59,21 +59,6 @@ def caption_positions(attend: jax.Array) -> jax.Array:
     length = attend.shape[-1]
     earlier = jnp.tril(jnp.ones((length, length), bool), k=-1)  # [L, L]: key k before query q
     return jnp.sum(attend[:, 0] & earlier, axis=-1, dtype=jnp.int32)  # [B, L]
-
-
-def _raise_if_at_least(largest: np.ndarray, limit: int, message: str) -> None:
-    if int(largest) >= limit:
-        raise ValueError(message.format(largest=int(largest)))
-
-
-def _check_below(values: jax.Array, limit: int, message: str) -> None:
-    """Raises `message` when any of `values` is >= limit (eagerly, or by a host callback under
-    jit), so a table is never read out of range silently."""
-    largest = jnp.max(values)
-    if isinstance(largest, jax.core.Tracer):
-        jax.debug.callback(_raise_if_at_least, largest, limit, message)
-    else:
-        _raise_if_at_least(np.asarray(largest), limit, message)
 
 
 class TextTower(nnx.Module):
@@ -133,15 +118,16 @@ class TextTower(nnx.Module):
         attend = segment_attend_mask(segment_ids)  # [B, 1, L, L], shared by every layer
         positions = caption_positions(attend)  # [B, L]
         ids = jnp.where(token_valid, text_tokens, 0)  # [B, L]; padding reads id 0
-        _check_below(
-            ids, self.vocab_size,
-            "batch['text_tokens'] holds id {largest} but model.text.vocab_size is "
-            f"{self.vocab_size}; set it to the tokenizer's vocab_size.",
+        vocab_size, max_len = self.vocab_size, self.max_len
+        check_index_below(
+            ids, vocab_size,
+            lambda largest: f"batch['text_tokens'] holds id {largest} but model.text.vocab_size "
+            f"is {vocab_size}; set it to the tokenizer's vocab_size.",
         )  # fmt: skip
-        _check_below(
-            positions, self.max_len,
-            "a caption has a token at position {largest} but the text position table has "
-            f"{self.max_len} entries (model.text.max_len); raise it or cut captions shorter.",
+        check_index_below(
+            positions, max_len,
+            lambda largest: f"a caption has a token at position {largest} but the text position "
+            f"table has {max_len} entries (model.text.max_len); raise it or cut captions shorter.",
         )  # fmt: skip
         # After the checks, clipping only keeps reads in range (jnp.take would fill NaN).
         x = self.token_embed(jnp.clip(ids, 0, self.vocab_size - 1))  # [B, L, D]
