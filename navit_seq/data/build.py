@@ -1,6 +1,7 @@
-"""Build datasets: `python -m navit_seq.data.build {scenes,coco} --data-dir DIR ...` (see --help).
+"""Build datasets: `python -m navit_seq.data.build {scenes,coco,image-text} --data-dir DIR ...`.
 
-`scenes` draws the bundled scene dataset; `coco` converts a local COCO-format folder. Both
+`scenes` draws the bundled scene dataset; `coco` converts a local COCO-format folder;
+`image-text` a local folder of (image, caption) pairs (see --help). All
 write TFDS ArrayRecord datasets that `navit_seq.data.sources.data_source` reads, print where
 they wrote, and with `--show N` print N examples and save a picture of their annotations.
 """
@@ -185,7 +186,17 @@ def _parser() -> argparse.ArgumentParser:
     coco.add_argument("--coco-dir", required=True, help="folder with images and annotations/")
     coco.add_argument("--data-dir", required=True, help="TFDS data directory to write into")
     coco.add_argument("--name", default="coco_format", help="TFDS dataset name to give it")
-    for command in (scenes, coco):
+    image_text = commands.add_parser(
+        "image-text",
+        help="convert a local folder of (image, caption) pairs",
+        formatter_class=defaults_shown,
+    )
+    image_text.add_argument(
+        "--folder", required=True, help="folder with images and captions_<split>.jsonl files"
+    )
+    image_text.add_argument("--data-dir", required=True, help="TFDS data directory to write into")
+    image_text.add_argument("--name", default="image_text", help="TFDS dataset name to give it")
+    for command in (scenes, coco, image_text):
         command.add_argument(
             "--show", type=int, default=0, metavar="N", help="print N examples, save a picture"
         )
@@ -206,12 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"scene dataset in {dataset_dir} (tokenizer: {dataset_dir}/sentencepiece.model)")
         print(f"ready after {seconds:.1f} s (a dataset already built is reused, not redrawn)")
     else:
-        from navit_seq.data.builders import coco
+        if args.command == "coco":
+            from navit_seq.data.builders import coco
 
-        report = coco.build(args.coco_dir, args.data_dir, name=args.name)
+            report = coco.build(args.coco_dir, args.data_dir, name=args.name)
+        else:
+            from navit_seq.data.builders import image_text
+
+            report = image_text.build(args.folder, args.data_dir, name=args.name)
         name, first_split = args.name, next(iter(report["splits"]))
         print(json.dumps(report, indent=1))
-        print(f"COCO-format dataset {args.name!r} in {report['dataset_dir']}")
+        print(f"{args.command} dataset {args.name!r} in {report['dataset_dir']}")
     if args.show:
         print_sample(name, args.show_split or first_split, args.data_dir, args.show)
     return 0

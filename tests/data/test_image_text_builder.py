@@ -170,3 +170,12 @@ def test_split_with_only_corrupt_images_raises_and_leaves_no_dataset(tmp_path):
         image_text.build(str(tmp_path), str(tmp_path / "data"), name=NAME)
     builder = image_text.image_text_builder(str(tmp_path), str(tmp_path / "data"), name=NAME)
     assert not builder.is_prepared()
+
+
+def test_build_command_converts_the_folder_and_prints_where(built, tmp_path, capsys):
+    from navit_seq.data import build
+
+    root, *_ = built
+    assert build.main(["image-text", "--folder", str(root), "--data-dir", str(tmp_path)]) == 0
+    assert f"'image_text' in {tmp_path}" in capsys.readouterr().out
+    assert len(sources.data_source("image_text", "train", str(tmp_path))) > 0
