@@ -21,11 +21,11 @@ quickstart: setup
 	$(PY) -m navit_seq.quickstart --data-dir $(DATA_DIR) --workdir $(WORKDIR)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # Includes tests marked slow.
 test-all: setup
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n 2 -m ''
 
 lint: setup
 	$(VENV)/bin/ruff check navit_seq tests experiments configs
