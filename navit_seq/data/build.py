@@ -94,13 +94,16 @@ def describe(example: dict[str, Any], names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def draw_annotations(example: dict[str, Any], names: Sequence[str]) -> Image.Image:
-    """The image with masks tinted, polygons, boxes, class names and keypoints drawn."""
+def draw_annotations(
+    example: dict[str, Any], names: Sequence[str], side: int | None = PICTURE_SIDE
+) -> Image.Image:
+    """The image with masks tinted, polygons, boxes, class names and keypoints drawn, its long
+    side scaled to `side` pixels (None: the native resolution)."""
     from navit_seq.data.features import KEYPOINT_SKELETON
 
     image = example["image"]
     height, width = image.shape[:2]
-    scale = PICTURE_SIDE / max(height, width)
+    scale = 1.0 if side is None else side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL (w, h)
     objects = example["objects"]
     tinted = image.astype(np.float32)

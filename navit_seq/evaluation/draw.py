@@ -1,0 +1,151 @@
+"""Pictures of predictions and ground truth at the image's native resolution (PIL).
+
+A prediction (`navit_seq.inference`) is `{"image_id", "boxes" [N, 4] (ymin, xmin, ymax, xmax)
+normalized, "labels" [N], "scores" [N], "masks" [N] COCO RLE dicts at the stored image size,
+"keypoints" [N, 17, 3] (y, x, score) normalized, "caption" str}`; any key may be missing.
+Ground truth is a decoded example (docs/architecture.md §1), drawn by
+`navit_seq.data.build.draw_annotations` plus its first caption.
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+from navit_seq.data.build import ANNOTATION_COLOURS, draw_annotations
+from navit_seq.data.features import KEYPOINT_SKELETON, NUM_KEYPOINTS
+
+MASK_OPACITY = 0.45  # share of the instance colour in a masked pixel
+KEYPOINT_RADIUS = 2  # pixels
+SKELETON_COLOUR = (255, 255, 255)
+KEYPOINT_COLOUR = (0, 255, 0)
+TEXT_BAND_COLOUR = (0, 0, 0)
+TEXT_COLOUR = (255, 255, 255)
+TEXT_LINE_HEIGHT = 12  # PIL's default bitmap font is ~11 px tall
+PER_OBJECT_KEYS = ("boxes", "labels", "scores", "masks", "keypoints")
+GRID_CELL_SIDE = 320  # each picture of a grid is scaled so its long side is this many pixels
+GRID_BACKGROUND = (32, 32, 32)
+
+
+def _colour(index: int) -> tuple[int, int, int]:
+    return ANNOTATION_COLOURS[index % len(ANNOTATION_COLOURS)]
+
+
+def _decode_mask(rle: Mapping[str, Any], height: int, width: int, index: int) -> np.ndarray:
+    """A COCO RLE dict -> bool [H, W]; its size must be the image's stored size."""
+    size = [int(s) for s in rle["size"]]
+    if size != [height, width]:
+        raise ValueError(
+            f"prediction masks[{index}] has size {size} but the image is {[height, width]}; "
+            "masks must be RLE at the image's stored resolution (as navit_seq.inference writes)."
+        )
+    counts = rle["counts"]
+    counts = counts.encode() if isinstance(counts, str) else counts  # JSON stores str
+    return mask_utils.decode({"size": size, "counts": counts}).astype(bool)
+
+
+def _check_lengths(prediction: Mapping[str, Any]) -> int:
+    """Number of objects N; every per-object key must have N entries."""
+    lengths = {key: len(prediction[key]) for key in PER_OBJECT_KEYS if key in prediction}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(
+            f"prediction {prediction.get('image_id')!r} has per-object keys of different "
+            f"lengths {lengths}; every one must hold one entry per object."
+        )
+    return next(iter(lengths.values()), 0)
+
+
+def _draw_caption(picture: Image.Image, caption: str) -> Image.Image:
+    """The picture with `caption` in a band below it (the band as wide as the picture)."""
+    width = picture.width
+    # Wrap by characters: the default font is ~6 px per character.
+    per_line = max(1, width // 6)
+    lines = [caption[i : i + per_line] for i in range(0, len(caption), per_line)] or [""]
+    framed = Image.new("RGB", (width, picture.height + TEXT_LINE_HEIGHT * len(lines) + 2),
+                       TEXT_BAND_COLOUR)  # fmt: skip
+    framed.paste(picture, (0, 0))
+    canvas = ImageDraw.Draw(framed)
+    for i, line in enumerate(lines):
+        canvas.text((2, picture.height + 1 + i * TEXT_LINE_HEIGHT), line, fill=TEXT_COLOUR)
+    return framed
+
+
+def draw_prediction(
+    image: np.ndarray,
+    prediction: Mapping[str, Any],
+    class_names: Sequence[str],
+    min_score: float = 0.0,
+    min_keypoint_score: float = 0.0,
+) -> Image.Image:
+    """Image uint8 [H, W, 3] with the prediction drawn at native resolution: masks tinted,
+    boxes with "class score", keypoint skeletons, and the caption in a band below."""
+    height, width = image.shape[:2]
+    num_objects = _check_lengths(prediction)
+    scores = np.asarray(prediction.get("scores", np.ones(num_objects)), np.float32)
+    shown = np.flatnonzero(scores >= min_score)
+    tinted = image.astype(np.float32)
+    for i in shown if "masks" in prediction else ():
+        mask = _decode_mask(prediction["masks"][i], height, width, i)
+        colour = np.asarray(_colour(i), np.float32)
+        tinted[mask] = (1 - MASK_OPACITY) * tinted[mask] + MASK_OPACITY * colour
+    picture = Image.fromarray(tinted.astype(np.uint8))
+    canvas = ImageDraw.Draw(picture)
+    to_xy = lambda yx: [(float(x * width), float(y * height)) for y, x in yx]  # noqa: E731
+    for i in shown if "keypoints" in prediction else ():
+        keypoints = np.asarray(prediction["keypoints"][i], np.float32)  # [17, 3] (y, x, score)
+        if keypoints.shape != (NUM_KEYPOINTS, 3):
+            raise ValueError(
+                f"prediction keypoints[{i}] has shape {keypoints.shape}; expected "
+                f"({NUM_KEYPOINTS}, 3) (y, x, score) normalized."
+            )
+        found = keypoints[:, 2] > min_keypoint_score
+        points = to_xy(keypoints[:, :2])
+        for a, b in KEYPOINT_SKELETON:  # 1-based COCO indices
+            if found[a - 1] and found[b - 1]:
+                canvas.line([points[a - 1], points[b - 1]], fill=SKELETON_COLOUR, width=1)
+        for k in np.flatnonzero(found):
+            x, y = points[k]
+            r = KEYPOINT_RADIUS
+            canvas.ellipse((x - r, y - r, x + r, y + r), fill=KEYPOINT_COLOUR)
+    for i in shown if "boxes" in prediction else ():
+        colour = _colour(i)
+        (x0, y0), (x1, y1) = to_xy(np.asarray(prediction["boxes"][i], np.float32).reshape(2, 2))
+        canvas.rectangle((x0, y0, x1, y1), outline=colour, width=1)
+        label = ""
+        if "labels" in prediction:
+            label = class_names[int(prediction["labels"][i])]
+        if "scores" in prediction:
+            label = f"{label} {scores[i]:.2f}".strip()
+        canvas.text((x0 + 2, y0 + 1), label, fill=colour)
+    if "caption" in prediction:
+        picture = _draw_caption(picture, str(prediction["caption"]))
+    return picture
+
+
+def draw_ground_truth(example: Mapping[str, Any], class_names: Sequence[str]) -> Image.Image:
+    """A decoded example's annotations at native resolution, its first caption below."""
+    picture = draw_annotations(dict(example), class_names, side=None)
+    captions = example.get("captions", ())
+    return _draw_caption(picture, str(captions[0])) if len(captions) else picture
+
+
+def save_grid(
+    rows: Sequence[Sequence[Image.Image]], path: str | os.PathLike, cell_side: int = GRID_CELL_SIDE
+) -> str:
+    """Saves pictures as a PNG grid, one row per image (e.g. prediction, ground truth); each
+    picture scaled so its long side is `cell_side`. Returns the path."""
+    if not rows or not all(rows):
+        raise ValueError(f"save_grid: got {len(rows)} rows, some empty; give at least one picture.")
+    columns = max(len(row) for row in rows)
+    sheet = Image.new("RGB", (columns * cell_side, len(rows) * cell_side), GRID_BACKGROUND)
+    for r, row in enumerate(rows):
+        for c, picture in enumerate(row):
+            scale = cell_side / max(picture.size)
+            size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+            sheet.paste(picture.resize(size, Image.NEAREST), (c * cell_side, r * cell_side))
+    path = os.fspath(path)
+    sheet.save(path)
+    return path

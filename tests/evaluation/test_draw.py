@@ -1,0 +1,110 @@
+"""Drawing predictions and ground truth: pixels land where the normalized coordinates say."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from navit_seq.evaluation import draw
+
+NAMES = ("person", "circle")
+HEIGHT, WIDTH = 80, 120  # not square: y scales by the height, x by the width
+
+
+def black() -> np.ndarray:
+    return np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+
+
+def rectangle_rle(y0: int, x0: int, y1: int, x1: int) -> dict:
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    return mask_utils.encode(np.asfortranarray(mask))
+
+
+def lit(picture: Image.Image, y: int, x: int) -> bool:
+    return bool(np.asarray(picture)[y, x].any())
+
+
+def test_box_outline_lands_on_the_box_edges_in_pixels_and_the_inside_stays_clear():
+    prediction = {"boxes": np.array([[0.25, 0.5, 0.75, 0.75]]), "labels": [1], "scores": [0.9]}
+    picture = draw.draw_prediction(black(), prediction, NAMES)
+    assert picture.size == (WIDTH, HEIGHT)  # native resolution, no caption band
+    # Box (y, x): rows 20..60, columns 60..90.
+    assert lit(picture, 20, 75) and lit(picture, 60, 75)  # top and bottom edges
+    assert lit(picture, 40, 60) and lit(picture, 40, 90)  # left and right edges
+    assert not lit(picture, 40, 75)  # inside
+    assert not lit(picture, 10, 30) and not lit(picture, 70, 100)  # outside
+
+
+def test_mask_tints_exactly_its_pixels():
+    prediction = {"masks": [rectangle_rle(10, 20, 30, 50)]}
+    pixels = np.asarray(draw.draw_prediction(black(), prediction, NAMES))
+    tinted = pixels.any(-1)
+    expected = np.zeros((HEIGHT, WIDTH), bool)
+    expected[10:30, 20:50] = True
+    np.testing.assert_array_equal(tinted, expected)
+
+
+def test_mask_of_another_size_is_rejected_naming_both_sizes():
+    rle = mask_utils.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))
+    with pytest.raises(ValueError, match=r"masks\[0\] has size \[10, 10\] but the image is"):
+        draw.draw_prediction(black(), {"masks": [rle]}, NAMES)
+
+
+def test_keypoint_skeleton_joins_the_shoulders_and_skips_unfound_points():
+    keypoints = np.zeros((1, 17, 3), np.float32)
+    keypoints[0, 5] = (0.5, 0.25, 0.9)  # left shoulder at (40, 30)
+    keypoints[0, 6] = (0.5, 0.75, 0.9)  # right shoulder at (40, 90); skeleton edge (6, 7)
+    keypoints[0, 7] = (0.1, 0.1, 0.0)  # left elbow not found: no point, no edge
+    picture = draw.draw_prediction(black(), {"keypoints": keypoints}, NAMES)
+    assert lit(picture, 40, 30) and lit(picture, 40, 90) and lit(picture, 40, 60)
+    assert not lit(picture, 8, 12)  # the elbow
+    assert not lit(picture, 24, 21)  # halfway shoulder -> elbow
+
+
+def test_objects_below_the_score_threshold_are_not_drawn():
+    prediction = {"boxes": np.array([[0.25, 0.5, 0.75, 0.75]]), "labels": [0], "scores": [0.2]}
+    picture = draw.draw_prediction(black(), prediction, NAMES, min_score=0.5)
+    assert not np.asarray(picture).any()
+
+
+def test_caption_is_written_in_a_band_below_the_image():
+    picture = draw.draw_prediction(black(), {"caption": "a red circle"}, NAMES)
+    pixels = np.asarray(picture)
+    assert picture.width == WIDTH and picture.height > HEIGHT
+    assert not pixels[:HEIGHT].any() and pixels[HEIGHT:].any()
+
+
+def test_per_object_keys_of_different_lengths_are_rejected():
+    with pytest.raises(ValueError, match="different lengths"):
+        draw.draw_prediction(black(), {"boxes": np.zeros((2, 4)), "labels": [0]}, NAMES)
+
+
+def test_ground_truth_is_drawn_at_native_resolution_with_its_box():
+    example = {
+        "image": black(),
+        "objects": {
+            "bbox": np.array([[0.25, 0.5, 0.75, 0.75]], np.float32),
+            "label": np.array([1]),
+            "mask_rle": np.array([b""], object),
+            "num_polygons": np.array([0]),
+            "keypoints": np.zeros((1, 17, 3), np.float32),
+        },
+        "polygon_points": np.zeros((0, 2), np.float32),
+        "polygon_sizes": np.zeros((0,), np.int32),
+        "captions": np.array(["one circle"], object),
+    }
+    picture = draw.draw_ground_truth(example, NAMES)
+    assert picture.width == WIDTH and picture.height > HEIGHT  # caption band
+    assert lit(picture, 20, 75) and lit(picture, 40, 60) and not lit(picture, 40, 75)
+
+
+def test_grid_puts_each_picture_in_its_cell(tmp_path):
+    red = Image.new("RGB", (40, 20), (255, 0, 0))
+    blue = Image.new("RGB", (20, 40), (0, 0, 255))
+    path = draw.save_grid([[red, blue], [blue]], tmp_path / "grid.png", cell_side=64)
+    sheet = np.asarray(Image.open(path))
+    assert sheet.shape == (128, 128, 3)
+    assert tuple(sheet[10, 10]) == (255, 0, 0)  # red, scaled to 64 x 32
+    assert tuple(sheet[10, 70]) == (0, 0, 255)  # blue, scaled to 32 x 64
+    assert tuple(sheet[100, 70]) == draw.GRID_BACKGROUND  # row 2 has one picture
