@@ -1,24 +1,33 @@
-"""Pix2Seq-v2 multi-task recipe (Chen et al. 2022, arXiv 2206.07669): a PLACEHOLDER.
+"""Pix2Seq-v2 multi-task recipe on COCO (Chen et al. 2022, arXiv 2206.07669), paper scale.
 
-NOT RUNNABLE HERE, and not yet runnable anywhere: the sequence decoder and its trainer
-(`navit_seq.train.pix2seq`) are filled in by the Pix2Seq-v2 issue. This file fixes the
-paper's hyper-parameters and the pod mesh so that issue only has to wire them up.
+NOT RUNNABLE HERE (config.runnable_here=False): a ViT-B/16 encoder at ~640 px and a 6 x 512
+decoder over four tasks need an accelerator pod (the mesh below is a TPU v4-128 slice). Build
+COCO first with `python -m navit_seq.data.build coco`, then on the pod:
+    python -m navit_seq.main --config configs/pix2seq_v2_multitask.py \
+        --config.runnable_here=True --workdir gs://.../pix2seq_v2
+The same recipe shrunk to run on a CPU in minutes is `configs/pix2seq_scenes.py`.
 Values marked (paper) come from the paper / its reference code; (assumed) are not stated.
 """
 
 import ml_collections
 
 from navit_seq.data.pipeline import default_data_config
-from navit_seq.models.navit import default_model_config
+from navit_seq.models.pix2seq import default_pix2seq_config
 from navit_seq.sharding import default_distributed_config, default_mesh_config
 from navit_seq.train.optimizer import default_optimizer_config
+from navit_seq.train.sequence import default_loss_config
+
+PATCH_SIZE = 16
+IMAGE_SIDE = 640  # (paper) 640 px images (its 46.5 box AP needs 1024)
+GRID_SIDE = IMAGE_SIDE // PATCH_SIZE  # 40 patches per side
+ROW_LENGTH = 512  # (assumed) decoder row T: detection of 100 objects needs 5 * 100 + 1
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     config = ml_collections.ConfigDict()
-    config.runnable_here = False  # placeholder + pod recipe
-    config.trainer = "pix2seq"  # to be written: navit_seq.train.pix2seq
+    config.runnable_here = False  # pod recipe; pass --config.runnable_here=True on the pod
+    config.trainer = "sequence"  # navit_seq.train.sequence
     config.seed = 0
     config.num_train_steps = ml_collections.FieldReference(300_000)  # (assumed)
     config.log_every_steps = 100
@@ -28,37 +37,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoint_every_steps = 50_000
     config.profile_steps = 5
     config.log_batch_fingerprint = False
+    config.loss = default_loss_config()  # (paper reference code) no label smoothing
 
-    patch_size = 16
     config.data = default_data_config()
     config.data.name = "coco2017"  # built with `python -m navit_seq.data.build coco`
     config.data.data_dir = "gs://your-bucket/tensorflow_datasets"
-    config.data.patch_size = patch_size
+    config.data.patch_size = PATCH_SIZE
     config.data.resolution.kind = "uniform_side"  # (paper) scale jitter, aspect ratio kept
-    config.data.resolution.min_side = 320
-    config.data.resolution.max_side = 640  # (paper) 640 px images (46.5 AP needs 1024)
-    config.data.seq_len = 1600  # (640 / 16)^2 tokens: one 640 px image per row at most
+    config.data.resolution.min_side = IMAGE_SIDE // 2
+    config.data.resolution.max_side = IMAGE_SIDE
+    config.data.max_grid_side = GRID_SIDE
+    config.data.seq_len = GRID_SIDE * GRID_SIDE  # token budget: one 640 px square per row
+    config.data.eval_max_tokens = GRID_SIDE * GRID_SIDE
     config.data.batch_size = 128  # (assumed)
-    config.data.max_examples_per_seq = 4
-    config.data.eval_max_tokens = 1600
+    config.data.max_examples_per_seq = 4  # smaller images share a row (Patch n' Pack)
+    config.data.max_rows_per_seq = 64  # segmentation / keypoints: one row per instance
     config.data.token_drop.kind = "none"
-    # (paper) batch mixing: each batch draws one task with these weights (greedy search).
+    # (paper) batch mixing: each batch is one task, drawn with these weights (greedy search).
+    config.data.tasks = (
+        ("detection", 0.1782), ("segmentation", 0.7128), ("captioning", 0.099),
+        ("keypoints", 0.01),
+    )  # fmt: skip
+    config.data.mixing = "batch"
     config.data.task = dict(
-        name="multitask",  # to be registered in navit_seq.tasks by the Pix2Seq-v2 issue
-        weights=dict(detection=0.1782, instance_segmentation=0.7128, captioning=0.099,
-                     keypoints=0.01),
-        max_seq_len=512,  # (assumed) decoder rows
-    )  # fmt: skip
+        name="detection",  # the options below are shared by the four tasks
+        seq_len=ROW_LENGTH,
+        num_classes=0,  # 0: the dataset's (80 COCO classes)
+        num_bins=1000,  # (paper) coordinate quantization bins
+        max_instances=16,  # (assumed) segmentation / keypoint rows per image in training
+    )
 
-    config.model = default_model_config()
+    config.model = default_pix2seq_config()
     config.model.variant = "B"  # (paper) ViT-B encoder
-    config.model.patch_size = patch_size
-    config.model.decoder = dict(
-        depth=6, width=512, num_heads=16, mlp_dim=2048,  # (paper) 6 layers, 512 wide
-        vocab_size=35_000,  # (paper) shared vocabulary (classes, coordinates, text)
-        coord_bins=1000,  # (paper) coordinate quantization bins
-    )  # fmt: skip
+    config.model.patch_size = PATCH_SIZE
+    config.model.posemb.max_len = 64  # >= GRID_SIDE: room for 1024 px fine-tuning
+    config.model.decoder.variant = "S"  # (paper) 6 layers, 512 wide
+    config.model.decoder.max_len = ROW_LENGTH
+    config.model.decoder.vocab_size = 0  # 0: the tasks' shared vocabulary size
     config.model.dtype = "bfloat16"
+    config.model.decoder.dtype = "bfloat16"
 
     config.optimizer = default_optimizer_config()
     config.optimizer.learning_rate = 1e-4  # (assumed) peak
@@ -68,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.schedule.warmup_steps = 10_000  # (assumed)
     config.optimizer.schedule.decay_steps = config.get_ref("num_train_steps")
 
-    # A TPU v4-128 slice (64 chips): 8-way FSDP, 2-way tensor parallel for the 35k vocabulary.
+    # A TPU v4-128 slice (64 chips): 8-way FSDP, 2-way tensor parallel for the vocabulary.
     config.mesh = default_mesh_config()
     config.mesh.shape = (-1, 8, 2)
     config.distributed = default_distributed_config()  # multi-host: usually auto-detected

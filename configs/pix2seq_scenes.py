@@ -1,0 +1,107 @@
+"""Pix2Seq-v2 multi-task on the bundled scenes: detection, segmentation, keypoints, captioning.
+
+A tiny NaViT encoder + decoder trained on 2 CPU cores in minutes (`trainer = "sequence"`):
+    python -m navit_seq.data.build scenes --data-dir datasets \
+        --train-size 4000 --validation-size 500 --heldout-size 500
+    python -m navit_seq.main --config configs/pix2seq_scenes.py --workdir workdirs/scenes_mt
+Arguments (`configs/pix2seq_scenes.py:steps=300,data_dir=/tmp/data`): `steps` overrides
+num_train_steps, `data_dir` where the scenes dataset was built. Per-task training losses are
+logged as `loss/<task>` in WORKDIR/metrics.jsonl. The paper-scale COCO recipe is
+`configs/pix2seq_v2_multitask.py`.
+"""
+
+import ml_collections
+
+from navit_seq.data.pipeline import default_data_config
+from navit_seq.models.pix2seq import default_pix2seq_config
+from navit_seq.sharding import default_distributed_config, default_mesh_config
+from navit_seq.train.optimizer import default_optimizer_config
+from navit_seq.train.sequence import default_loss_config
+
+PATCH_SIZE = 16
+MAX_GRID_SIDE = 12  # patches per side: 192 px, above resolution.max_side
+# Decoder row length T, shared by the four tasks: keypoints need 6 prompt + 34 tokens,
+# detection fits (64 - 1) / 5 = 12 objects (a scene has ~5), a polygon 29 points (the
+# segmentation codec caps its points by T).
+ROW_LENGTH = 64
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    options = dict(item.split("=", 1) for item in arg.split(",")) if arg else {}
+    config = ml_collections.ConfigDict()
+    config.trainer = "sequence"  # navit_seq.train.sequence
+    config.seed = 0
+    # A FieldReference, so the LR schedule follows --config.num_train_steps overrides.
+    config.num_train_steps = ml_collections.FieldReference(int(options.get("steps", 300)))
+    config.log_every_steps = 20
+    config.eval_every_steps = config.get_ref("num_train_steps")  # one evaluation, at the end
+    config.checkpoint_every_steps = 100
+    config.keep_checkpoints = 2
+    config.keep_checkpoint_every_steps = 0
+    config.profile_steps = 0
+    config.log_batch_fingerprint = False
+    config.loss = default_loss_config()
+    config.loss.label_smoothing = 0.1  # (assumed) a regulariser for the tiny model
+
+    config.data = default_data_config()
+    config.data.name = "scenes"
+    config.data.data_dir = options.get("data_dir", "datasets")
+    config.data.patch_size = PATCH_SIZE
+    # Small images keep a CPU step short: longer side ~ U(48, 160) -> at most 100 tokens.
+    config.data.resolution.min_side = 48
+    config.data.resolution.max_side = 160
+    config.data.seq_len = 192
+    config.data.batch_size = 16
+    config.data.max_examples_per_seq = 8
+    config.data.max_rows_per_seq = 16  # segmentation: one row per object, ~5 per scene
+    config.data.pack_buffer_size = 32
+    config.data.eval_max_tokens = 100
+    config.data.max_grid_side = MAX_GRID_SIDE
+    config.data.num_workers = 1
+    config.data.token_drop.kind = "none"
+    # Task weights (the Pix2Seq v2 batch mixing: each batch is one task drawn by weight).
+    # COCO's weights (configs/pix2seq_v2_multitask.py) favour segmentation; the scenes are
+    # simple enough that equal shares train every task within a few hundred steps.
+    config.data.tasks = (
+        ("detection", 0.25), ("segmentation", 0.25), ("keypoints", 0.25), ("captioning", 0.25),
+    )  # fmt: skip
+    config.data.mixing = "batch"
+    config.data.task = dict(
+        name="detection",  # the options below are shared by the four tasks
+        seq_len=ROW_LENGTH,
+        num_bins=200,  # coordinate bins: under 1 px at 160 px (Pix2Seq uses 1000 at 640+)
+        max_instances=8,  # segmentation / keypoint rows per image
+    )
+
+    config.model = default_pix2seq_config()
+    config.model.variant = "Ti"
+    config.model.width = 96  # tiny: a few minutes on 2 CPU cores
+    config.model.depth = 2
+    config.model.num_heads = 3
+    config.model.mlp_dim = 192
+    config.model.patch_size = PATCH_SIZE
+    config.model.posemb.max_len = MAX_GRID_SIDE
+    # "error" checks positions with a host callback, which can deadlock a loaded CPU client;
+    # data.max_grid_side = posemb.max_len keeps every position in the table, so "clamp"
+    # never clamps here.
+    config.model.posemb.out_of_range = "clamp"
+    config.model.decoder.variant = "Ti"
+    config.model.decoder.width = 96
+    config.model.decoder.depth = 2
+    config.model.decoder.num_heads = 3
+    config.model.decoder.mlp_dim = 192
+    config.model.decoder.max_len = ROW_LENGTH
+    config.model.decoder.vocab_size = 0  # 0: the tasks' shared vocabulary size
+
+    config.optimizer = default_optimizer_config()
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.b1, config.optimizer.b2 = 0.9, 0.95  # (Pix2Seq v2)
+    config.optimizer.weight_decay = ((r".*", 1e-4),)
+    config.optimizer.grad_clip_norm = 1.0
+    config.optimizer.schedule.kind = "cosine"
+    config.optimizer.schedule.warmup_steps = 30
+    config.optimizer.schedule.decay_steps = config.get_ref("num_train_steps")
+
+    config.mesh = default_mesh_config()  # all local devices on `data`
+    config.distributed = default_distributed_config()  # multi-host: usually auto-detected
+    return config

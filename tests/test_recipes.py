@@ -1,0 +1,54 @@
+"""The Pix2Seq recipes load and their fields agree with each other (sizes, lengths, tasks)."""
+
+import pytest
+
+from navit_seq import config_utils
+from navit_seq.data import mixing, pipeline
+from navit_seq.models import decoder
+from navit_seq.train import sequence
+
+SCENES = "configs/pix2seq_scenes.py"
+PAPER = "configs/pix2seq_v2_multitask.py"
+ALL_TASKS = {"detection", "segmentation", "keypoints", "captioning"}
+
+
+@pytest.mark.parametrize("recipe", [SCENES, PAPER])
+def test_recipe_encoder_covers_every_patch_grid_and_decoder_covers_every_row(recipe):
+    config = config_utils.load_config_file(recipe)
+    assert config.trainer == "sequence"
+    assert config.model.patch_size == config.data.patch_size
+    assert 0 < config.data.max_grid_side <= config.model.posemb.max_len
+    # The largest training image fits the grid cap, so no position is ever clamped.
+    assert config.data.resolution.max_side <= config.data.max_grid_side * config.data.patch_size
+    assert config.model.decoder.max_len >= config.data.task.seq_len
+    assert config.data.eval_max_tokens <= config.data.seq_len
+    pipeline.validate_data_config(config.data)
+
+
+@pytest.mark.parametrize("recipe", [SCENES, PAPER])
+def test_recipe_trains_all_four_tasks_with_weights_from_the_config(recipe):
+    config = config_utils.load_config_file(recipe)
+    weights = dict(mixing.task_weights(config.data))
+    assert set(weights) == ALL_TASKS
+    assert sum(weights.values()) == pytest.approx(1.0)
+
+
+def test_paper_recipe_keeps_the_paper_task_weights_and_optimizer():
+    config = config_utils.load_config_file(PAPER)
+    assert config.runnable_here is False
+    assert dict(config.data.tasks) == pytest.approx(
+        {"detection": 0.1782, "segmentation": 0.7128, "captioning": 0.099, "keypoints": 0.01}
+    )
+    assert (config.optimizer.b1, config.optimizer.b2) == (0.9, 0.95)
+    assert config.optimizer.weight_decay[-1][1] == 0.05
+    sizes = decoder.decoder_sizes(config.model.decoder)
+    assert (sizes["depth"], sizes["width"]) == (6, 512)
+
+
+def test_scenes_recipe_resolves_its_decoder_vocabulary_on_the_scene_dataset(scenes_data_dir):
+    config = config_utils.load_config_file(f"{SCENES}:data_dir={scenes_data_dir}")
+    sequence.resolve_config(config)
+    assert config.model.decoder.vocab_size == max(
+        task.vocab.size for task in sequence.sequence_tasks(config.data)
+    )
+    assert sequence.task_ids(config).keys() == ALL_TASKS
