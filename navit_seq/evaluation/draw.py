@@ -1,8 +1,9 @@
 """Pictures of predictions and ground truth at the image's native resolution (PIL).
 
 A prediction (`navit_seq.inference`) is `{"image_id", "boxes" [N, 4] (ymin, xmin, ymax, xmax)
-normalized, "labels" [N], "scores" [N], "masks" [N] COCO RLE dicts at the stored image size,
-"keypoints" [N, 17, 3] (y, x, score) normalized, "caption" str}`; any key may be missing.
+normalized, "labels" [N], "scores" [N], "masks" [N] COCO RLE dicts at the stored image size
+(None: not segmented), "keypoints" [N, 17, 3] (y, x, score) normalized, "caption" str}`; any
+key may be missing.
 Ground truth is a decoded example (docs/architecture.md §1), drawn by
 `navit_seq.data.build.draw_annotations` plus its first caption.
 """
@@ -88,6 +89,8 @@ def draw_prediction(
     shown = np.flatnonzero(scores >= min_score)
     tinted = image.astype(np.float32)
     for i in shown if "masks" in prediction else ():
+        if prediction["masks"][i] is None:  # inference segments only the first boxes
+            continue
         mask = _decode_mask(prediction["masks"][i], height, width, i)
         colour = np.asarray(_colour(i), np.float32)
         tinted[mask] = (1 - MASK_OPACITY) * tinted[mask] + MASK_OPACITY * colour

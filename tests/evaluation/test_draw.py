@@ -37,7 +37,7 @@ def test_box_outline_lands_on_the_box_edges_in_pixels_and_the_inside_stays_clear
 
 
 def test_mask_tints_exactly_its_pixels():
-    prediction = {"masks": [rectangle_rle(10, 20, 30, 50)]}
+    prediction = {"masks": [rectangle_rle(10, 20, 30, 50), None]}  # None: not segmented
     pixels = np.asarray(draw.draw_prediction(black(), prediction, NAMES))
     tinted = pixels.any(-1)
     expected = np.zeros((HEIGHT, WIDTH), bool)
