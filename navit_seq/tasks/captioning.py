@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from navit_seq.tasks.vocab import Vocab, build_row, response_until_end, stack_rows
+from navit_seq.tasks.vocab import END, Vocab, build_row, response_until_end, stack_rows
 
 
 class TextTokenizer(Protocol):
@@ -53,6 +53,11 @@ class CaptioningTask:
     def max_text_tokens(self) -> int:
         """Text tokens one row holds next to the prompt and END."""
         return self.seq_len - self.PROMPT_LENGTH
+
+    def grammar(self) -> np.ndarray:
+        """Allowed tokens after the prompt, bool [1, V]: text or END."""
+        tokens = np.arange(self.vocab.size)
+        return (self.vocab.is_text(tokens) | (tokens == END))[None]
 
     def encode(
         self, example: dict[str, Any], *, training: bool, rng: np.random.Generator | None = None

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from navit_seq.tasks.vocab import Vocab, build_row, response_until_end, stack_rows
+from navit_seq.tasks.vocab import END, Vocab, build_row, response_until_end, stack_rows
 
 TOKENS_PER_OBJECT = 5  # ymin xmin ymax xmax class
 DUPLICATE_JITTER = 0.1  # max jitter of noisy duplicates, relative to box size (reference)
@@ -66,6 +66,14 @@ class DetectionTask:
     def capacity(self) -> int:
         """Objects one row holds: the prompt, 5 tokens per object and END fit in T + 1."""
         return min(self.max_objects, (self.seq_len - self.PROMPT_LENGTH) // TOKENS_PER_OBJECT)
+
+    def grammar(self) -> np.ndarray:
+        """Allowed tokens per position of an object group, bool [5, V] (inference's token
+        mask, `decode.cyclic_token_mask`): coordinate or END, 3 coordinates, a real class."""
+        tokens = np.arange(self.vocab.size)
+        coord = self.vocab.is_coord(tokens)
+        first = coord | (tokens == END)
+        return np.stack([first, coord, coord, coord, self.vocab.is_class(tokens)])
 
     def encode(
         self, example: dict[str, Any], *, training: bool, rng: np.random.Generator | None = None
@@ -136,7 +144,9 @@ class DetectionTask:
             if token_scores is None
             else np.asarray(token_scores, np.float32)[: len(tokens)]
         )
-        group_scores = scores[: num_groups * TOKENS_PER_OBJECT].reshape(num_groups, -1)[:, 4]
+        group_scores = scores[: num_groups * TOKENS_PER_OBJECT].reshape(
+            num_groups, TOKENS_PER_OBJECT
+        )[:, 4]
         is_fake = groups[:, 4] == Vocab.FAKE_CLASS
         well_formed = self.vocab.is_coord(groups[:, :4]).all(axis=1) & (
             self.vocab.is_class(groups[:, 4]) | is_fake

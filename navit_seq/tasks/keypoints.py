@@ -68,6 +68,11 @@ class KeypointTask:
         high = np.clip(np.maximum(high, low + 1), 1, size[:2])
         return (np.concatenate([low, high]) / size).astype(np.float32)
 
+    def grammar(self) -> np.ndarray:
+        """Allowed tokens after the prompt, bool [1, V]: coordinates only. Decoding exactly
+        17 pairs under it replaces INVISIBLE by the model's best coordinate guess (Pix2Seq v2)."""
+        return self.vocab.is_coord(np.arange(self.vocab.size))[None]
+
     def prompt(self, box: np.ndarray, label: int, crop_box: np.ndarray) -> np.ndarray:
         """[kp y0 x0 y1 x1 class] for a box (normalized in the image) seen in crop_box."""
         return np.concatenate(

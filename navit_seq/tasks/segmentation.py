@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from navit_seq.tasks.vocab import Vocab, build_row, response_until_end, stack_rows
+from navit_seq.tasks.vocab import END, Vocab, build_row, response_until_end, stack_rows
 
 MIN_POLYGON_POINTS = 3
 
@@ -52,6 +52,12 @@ class SegmentationTask:
     def point_budget(self) -> int:
         """Points one row holds with a single polygon (each extra polygon costs a SEP)."""
         return min(self.max_points, (self.seq_len - self.PROMPT_LENGTH) // 2)
+
+    def grammar(self) -> np.ndarray:
+        """Allowed tokens after the prompt, bool [1, V]: coordinate, SEPARATOR or END."""
+        tokens = np.arange(self.vocab.size)
+        allowed = self.vocab.is_coord(tokens) | (tokens == Vocab.SEPARATOR) | (tokens == END)
+        return allowed[None]
 
     def prompt(self, box: np.ndarray, label: int) -> np.ndarray:
         """[seg y0 x0 y1 x1 class] for a box (normalized, [4]) and a class index."""

@@ -1,0 +1,97 @@
+"""Per-task inference with a tiny untrained Pix2Seq on the scene dataset; mask averaging."""
+
+import numpy as np
+import pytest
+
+from navit_seq import inference
+
+TASKS = ("detection", "segmentation", "keypoints", "captioning")
+
+
+def tiny_recipe(data_dir: str):
+    """All four sequence tasks, a 1-layer 32-wide Pix2Seq, 2 images per decoder call."""
+    from navit_seq import config_utils
+    from navit_seq.models.pix2seq import default_pix2seq_config
+    from navit_seq.train import sequence
+
+    config = config_utils.load_config_file("configs/quickstart.py:steps=3")
+    config.trainer = "sequence"
+    config.data.update(data_dir=data_dir, num_workers=0, seq_len=64, eval_max_tokens=64)
+    config.data.tasks = tuple((name, 1.0) for name in TASKS)
+    config.data.task = {"name": "detection", "seq_len": 40}  # keypoints need 6 + 34
+    model = default_pix2seq_config()
+    model.update(variant="Ti", width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=16)
+    model.posemb.max_len = config.data.max_grid_side = 16
+    model.posemb.out_of_range = "clamp"  # see tests/train/test_sequence_trainer.py
+    model.decoder.update(variant="Ti", width=32, depth=1, num_heads=2, mlp_dim=64, max_len=40)
+    config.model = model
+    config.evaluation = inference.default_evaluation_config()
+    config.evaluation.update(num_images=3, images_per_batch=2, max_instances=3, segm_samples=2)
+    sequence.resolve_config(config)
+    return config
+
+
+@pytest.fixture(scope="module")
+def recipe_and_model(scenes_data_dir):
+    from navit_seq.train import sequence
+
+    config = tiny_recipe(scenes_data_dir)
+    return config, sequence.model_fn(config)()
+
+
+def test_average_masks_keeps_pixels_set_in_at_least_half_the_samples():
+    rng = np.random.default_rng(0)
+    masks = rng.random((8, 5, 7)) < 0.5
+    expected = masks.sum(axis=0) * 2 >= 8
+    np.testing.assert_array_equal(inference.average_masks(masks), expected)
+    assert inference.average_masks(masks[:1]).sum() == masks[0].sum()
+
+
+def check_well_formed(prediction, example):
+    height, width = example["image"].shape[:2]
+    boxes = prediction["boxes"]
+    count = len(prediction["labels"])
+    assert prediction["image_id"] == int(example["image_id"])
+    assert boxes.shape == (count, 4) and prediction["scores"].shape == (count,)
+    assert np.all((boxes >= 0) & (boxes <= 1)) and np.all(boxes[:, 2:] >= boxes[:, :2])
+    assert np.all((prediction["scores"] >= 0) & (prediction["scores"] <= 1))
+    assert len(prediction["masks"]) == count
+    for mask in prediction["masks"]:
+        assert mask is None or list(mask["size"]) == [height, width]
+    assert prediction["keypoints"].shape == (count, 17, 3)
+    assert isinstance(prediction["caption"], str)
+
+
+def test_untrained_model_gives_well_formed_predictions_of_every_task(recipe_and_model):
+    config, model = recipe_and_model
+    examples = inference.evaluation_examples(config)
+    predictions = inference.Predictor(config, model).predict(examples)
+    assert len(predictions) == 3
+    for prediction, example in zip(predictions, examples, strict=True):
+        check_well_formed(prediction, example)
+
+
+def test_ground_truth_boxes_prompt_masks_and_person_keypoints(recipe_and_model):
+    config, model = recipe_and_model
+    config = config.copy_and_resolve_references()
+    config.evaluation.use_gt_boxes = True
+    examples = inference.evaluation_examples(config)
+    predictions = inference.Predictor(config, model).predict(examples)
+    for prediction, example in zip(predictions, examples, strict=True):
+        check_well_formed(prediction, example)
+        labels = example["objects"]["label"]
+        np.testing.assert_array_equal(prediction["labels"], labels)
+        prompted = min(len(labels), config.evaluation.max_instances)
+        assert all(m is not None for m in prediction["masks"][:prompted])
+        is_person = labels[:prompted] == 0  # class 0 of the scenes is "person"
+        visibility = prediction["keypoints"][:prompted, :, 2]
+        assert np.all(visibility[is_person] == 2) and np.all(visibility[~is_person] == 0)
+
+
+def test_evaluate_split_reports_the_contract_metrics(recipe_and_model):
+    config, model = recipe_and_model
+    metrics = inference.evaluate_split(config, model)
+    for key in ("bbox_AP", "bbox_AP50", "segm_AP", "keypoints_AP", "caption_BLEU4",
+                "caption_CIDEr"):  # fmt: skip
+        assert np.isfinite(metrics[key]) and metrics[key] >= 0, key
+    assert metrics["num_images"] == 3
