@@ -2,6 +2,8 @@
 
 Restores the latest (or `--step`) checkpoint onto this machine's mesh, runs the recipe's eval
 split and writes DIR/eval_results.json: `{"step": N, "split": ..., "metrics": {...}}`.
+Objectives with a whole-split evaluation (the sequence objective with `config.evaluation`)
+add its metrics: bbox_AP, bbox_AP50, segm_AP, keypoints_AP, caption_BLEU4, caption_CIDEr, ...
 """
 
 import json
@@ -28,6 +30,8 @@ def main(argv: list[str]) -> None:
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", every_steps=0)
     step, state = checkpointer.restore_state(config_utils.STEP.value, trainer.abstract_state)
     metrics = trainer.evaluate(state, objective.eval_iterator())
+    if objective.evaluate_split is not None:  # task metrics: COCO AP, caption BLEU-4 / CIDEr
+        metrics.update(trainer.split_metrics(state, step))
     checkpointer.close()
     results = {"step": step, "split": config.data.get("eval_split", "eval"), "metrics": metrics}
     if jax.process_index() == 0:

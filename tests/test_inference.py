@@ -15,7 +15,9 @@ def tiny_recipe(data_dir: str):
     from navit_seq.train import sequence
 
     config = config_utils.load_config_file("configs/quickstart.py:steps=3")
+    del config["loss"]
     config.trainer = "sequence"
+    config.loss = sequence.default_loss_config()  # the quickstart's is a classification loss
     config.data.update(data_dir=data_dir, num_workers=0, seq_len=64, eval_max_tokens=64)
     config.data.tasks = tuple((name, 1.0) for name in TASKS)
     config.data.task = {"name": "detection", "seq_len": 40}  # keypoints need 6 + 34
@@ -88,10 +90,31 @@ def test_ground_truth_boxes_prompt_masks_and_person_keypoints(recipe_and_model):
         assert np.all(visibility[is_person] == 2) and np.all(visibility[~is_person] == 0)
 
 
-def test_evaluate_split_reports_the_contract_metrics(recipe_and_model):
+def test_sequence_objective_evaluates_the_split_with_the_contract_metrics(recipe_and_model):
+    from navit_seq.train import sequence
+
     config, model = recipe_and_model
-    metrics = inference.evaluate_split(config, model)
+    metrics = sequence.objective(config).evaluate_split(model, 0)
     for key in ("bbox_AP", "bbox_AP50", "segm_AP", "keypoints_AP", "caption_BLEU4",
                 "caption_CIDEr"):  # fmt: skip
         assert np.isfinite(metrics[key]) and metrics[key] >= 0, key
     assert metrics["num_images"] == 3
+
+
+@pytest.mark.slow  # ~30-60 s on 2 shared cores: compiles a train step and every decoder call
+def test_training_logs_split_metrics_at_eval(scenes_data_dir, tmp_path):
+    import json
+
+    from navit_seq.train import loop, sequence
+
+    config = tiny_recipe(scenes_data_dir)
+    config.update(num_train_steps=1, eval_every_steps=1, checkpoint_every_steps=1)
+    config.data.update(batch_size=8, max_rows_per_seq=4)
+    config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
+    config.evaluation.num_images = 2
+    loop.train_and_evaluate(config, tmp_path, sequence.objective(config))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (evaluation,) = [r for r in rows if r["split"] == "eval"]
+    assert evaluation["num_images"] == 2 and "loss" in evaluation
+    for key in ("bbox_AP", "segm_AP", "keypoints_AP", "caption_BLEU4", "caption_CIDEr"):
+        assert key in evaluation

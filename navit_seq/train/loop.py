@@ -43,6 +43,9 @@ class Objective:
     eval_metrics: Callable[[nnx.Module, Batch], MetricDict]
     train_iterator: Callable[[], Iterator[Batch]]  # checkpointable grain iterator, this host
     eval_iterator: Callable[[], Iterable[Batch]]  # a fresh finite pass, this host
+    # Optional whole-split task metrics (model, step) -> scalars (e.g. COCO AP, caption CIDEr),
+    # added to the eval metrics at the evals due by `config.evaluation.every_steps`.
+    evaluate_split: Callable[[nnx.Module, int], dict[str, float]] | None = None
 
 
 def merge_metrics(total: MetricDict | None, new: MetricDict) -> MetricDict:
@@ -267,6 +270,20 @@ class Trainer:
             raise ValueError("The evaluation split yielded no batches; check config.data.")
         return compute_metrics(total)
 
+    def split_metrics(self, state: state_lib.TrainState, step: int) -> dict[str, float]:
+        """The objective's whole-split metrics of the eval model (EMA parameters if kept)."""
+        params = state.ema_params if self.use_ema else state.params
+        with self.context():
+            return self.objective.evaluate_split(
+                nnx.merge(self.graphdef, params, state.model_state), step
+            )
+
+
+def split_eval_every_steps(config: ml_collections.ConfigDict) -> int:
+    """`config.evaluation.every_steps`: 0 (or no `evaluation`) = at every eval, < 0 = never."""
+    every = (config.get("evaluation") or {}).get("every_steps", 0)
+    return config.eval_every_steps if every == 0 else max(every, 0)
+
 
 def close_iterator(iterator: Any) -> None:
     """Stops a grain iterator's worker processes now rather than at interpreter exit."""
@@ -373,6 +390,10 @@ def train_and_evaluate(
             if is_due(step, config.eval_every_steps, num_steps):
                 eval_started = time.perf_counter()
                 eval_scalars = trainer.evaluate(state, objective.eval_iterator())
+                if objective.evaluate_split is not None and is_due(
+                    step, split_eval_every_steps(config), num_steps
+                ):
+                    eval_scalars.update(trainer.split_metrics(state, step))
                 logger.write(step, "eval", eval_scalars)
                 print(f"step {step} eval: {_fmt(eval_scalars)}", flush=True)
                 window_start += time.perf_counter() - eval_started  # rates count training only

@@ -168,4 +168,17 @@ def objective(config: ml_collections.ConfigDict) -> Objective:
         eval_metrics=make_eval_metrics(config, ids),
         train_iterator=lambda: train_iterator(config),
         eval_iterator=lambda: eval_iterator(config),
+        evaluate_split=split_evaluation(config) if "evaluation" in config else None,
     )
+
+
+def split_evaluation(config: ml_collections.ConfigDict):
+    """(model, step) -> COCO AP and caption metrics of `config.evaluation` (navit_seq.inference)."""
+
+    def evaluate_split(model: nnx.Module, step: int) -> dict[str, float]:
+        del step  # the same images every time, so values compare across steps
+        from navit_seq import inference
+
+        return inference.evaluate_split(config, model)
+
+    return evaluate_split
