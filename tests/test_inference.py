@@ -49,6 +49,27 @@ def test_average_masks_keeps_pixels_set_in_at_least_half_the_samples():
     assert inference.average_masks(masks[:1]).sum() == masks[0].sum()
 
 
+def test_codec_grammars_allow_end_only_where_a_response_may_stop(recipe_and_model):
+    from navit_seq.tasks.vocab import END, Vocab
+    from navit_seq.train import sequence
+
+    config, _ = recipe_and_model
+    codecs = {task.name: task.codec for task in sequence.sequence_tasks(config.data)}
+    vocab = codecs["detection"].vocab
+    coord, label = vocab.coord_offset + 7, Vocab.CLASS_OFFSET + 2
+    detection = codecs["detection"].grammar()  # [5, V]
+    assert detection.shape == (5, vocab.size)
+    assert detection[0, END] and not detection[1:, END].any()
+    assert detection[:4, coord].all() and not detection[4, coord]
+    assert detection[4, label] and not detection[4, Vocab.FAKE_CLASS]
+    segmentation = codecs["segmentation"].grammar()[0]
+    assert segmentation[[coord, Vocab.SEPARATOR, END]].all() and not segmentation[label]
+    keypoints = codecs["keypoints"].grammar()[0]  # the best coordinate replaces INVISIBLE
+    assert keypoints[coord] and not keypoints[[Vocab.INVISIBLE, END]].any()
+    captioning = codecs["captioning"].grammar()[0]
+    assert captioning[[vocab.text_offset, END]].all() and not captioning[coord]
+
+
 def check_well_formed(prediction, example):
     height, width = example["image"].shape[:2]
     boxes = prediction["boxes"]

@@ -151,9 +151,10 @@ def results(
                 "evaluate predictions of the same split (and image ids) as the ground truth."
             )
         height, width = coco.imgs[image_id]["height"], coco.imgs[image_id]["width"]
-        labels = np.asarray(prediction["labels"], np.int64).reshape(-1)
-        scores = np.asarray(prediction["scores"], np.float64).reshape(-1)
-        boxes = np.asarray(prediction["boxes"], np.float64).reshape(-1, 4)
+        # A caption-only prediction has no boxes.
+        labels = np.asarray(prediction.get("labels", ()), np.int64).reshape(-1)
+        scores = np.asarray(prediction.get("scores", ()), np.float64).reshape(-1)
+        boxes = np.asarray(prediction.get("boxes", ()), np.float64).reshape(-1, 4)
         masks = prediction.get("masks")
         keypoints = prediction.get("keypoints")
         for index, label in enumerate(labels):

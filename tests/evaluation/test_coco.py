@@ -124,3 +124,8 @@ def test_prediction_for_an_unknown_image_raises_naming_it():
     with pytest.raises(ValueError, match="image_id 123"):
         coco.coco_metrics(hand_made_examples(), [{"image_id": 123, "boxes": [], "labels": [],
                                                   "scores": []}])  # fmt: skip
+
+
+def test_caption_only_predictions_count_as_no_predictions():
+    metrics = coco.coco_metrics(hand_made_examples(), [{"image_id": 5, "caption": "a square"}])
+    assert metrics["bbox_AP"] == 0.0 and metrics["bbox_num_predictions"] == 0
