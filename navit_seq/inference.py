@@ -229,30 +229,29 @@ class Predictor:
         config = _decode_config(
             codec.seq_len - codec.PROMPT_LENGTH, self.options.segmentation_top_p
         )
-        prompted = [
-            _Image(
-                tokens,
-                np.stack([codec.prompt(box, label) for box, label in
-                          zip(f["boxes"][:rows], f["labels"][:rows], strict=True)])
-                if len(f["labels"]) else np.zeros((0, codec.PROMPT_LENGTH), np.int32),
-            )
-            for tokens, f in zip(images, found, strict=True)
-        ]  # fmt: skip
+        prompted = []
+        for tokens, f in zip(images, found, strict=True):
+            prompts = [codec.prompt(box, label) for box, label in zip(
+                f["boxes"][:rows], f["labels"][:rows], strict=True)]  # fmt: skip
+            empty = np.zeros((0, codec.PROMPT_LENGTH), np.int32)
+            prompted.append(_Image(tokens, np.stack(prompts) if prompts else empty))
         masks = []
         for chunk_index, chunk in enumerate(self._chunks(prompted)):
             start = chunk_index * self.options.images_per_batch
-            samples = [self._generate(chunk, rows, "segmentation", config)[0]
-                       for _ in range(self.options.segm_samples)]  # fmt: skip
+            # Each sample is one decoder call with all boxes' rows (the image encoded once per
+            # call; samples as extra rows would multiply the KV cache by segm_samples).
+            samples = [
+                self._generate(chunk, rows, "segmentation", config)[0]
+                for _ in range(self.options.segm_samples)
+            ]  # each [b, R, max_len]
             for offset, image in enumerate(chunk):
-                example = examples[start + offset]
-                height, width = np.asarray(example["image"]).shape[:2]
+                height, width = np.asarray(examples[start + offset]["image"]).shape[:2]
                 image_masks: list = [None] * len(found[start + offset]["labels"])
                 for row in range(len(image.prompts)):
-                    sampled = np.stack([
-                        mask_utils.decode(polygons_to_rle(
-                            codec.decode(sample[offset, row])[0], height, width))
-                        for sample in samples
-                    ])  # [N, H, W]  # fmt: skip
+                    polygons = [codec.decode(sample[offset, row])[0] for sample in samples]
+                    sampled = np.stack(
+                        [mask_utils.decode(polygons_to_rle(p, height, width)) for p in polygons]
+                    )  # [N, H, W]
                     binary = np.asfortranarray(average_masks(sampled).astype(np.uint8))
                     image_masks[row] = mask_utils.encode(binary)
                 masks.append(image_masks)
