@@ -152,3 +152,23 @@ def save_grid(
     path = os.fspath(path)
     sheet.save(path)
     return path
+
+
+def save_prediction_grid(
+    examples: Sequence[Mapping[str, Any]],
+    predictions: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    min_score: float = 0.0,
+) -> str:
+    """One grid row per image: its prediction next to its ground truth. Returns the path."""
+    if len(examples) != len(predictions):
+        raise ValueError(
+            f"save_prediction_grid: {len(examples)} examples but {len(predictions)} predictions; "
+            "give one prediction per example, in the same order."
+        )
+    rows = [
+        [draw_prediction(e["image"], p, class_names, min_score), draw_ground_truth(e, class_names)]
+        for e, p in zip(examples, predictions, strict=True)
+    ]
+    return save_grid(rows, path)

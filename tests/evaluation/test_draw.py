@@ -108,3 +108,26 @@ def test_grid_puts_each_picture_in_its_cell(tmp_path):
     assert tuple(sheet[10, 10]) == (255, 0, 0)  # red, scaled to 64 x 32
     assert tuple(sheet[10, 70]) == (0, 0, 255)  # blue, scaled to 32 x 64
     assert tuple(sheet[100, 70]) == draw.GRID_BACKGROUND  # row 2 has one picture
+
+
+def test_prediction_grid_shows_prediction_then_ground_truth_per_image(tmp_path):
+    example = {
+        "image": np.full((HEIGHT, WIDTH, 3), 200, np.uint8),
+        "objects": {
+            "bbox": np.zeros((0, 4), np.float32),
+            "label": np.zeros((0,), np.int64),
+            "mask_rle": np.zeros((0,), object),
+            "num_polygons": np.zeros((0,), np.int32),
+            "keypoints": np.zeros((0, 17, 3), np.float32),
+        },
+        "polygon_points": np.zeros((0, 2)),
+        "polygon_sizes": np.zeros((0,), np.int32),
+        "captions": np.array([], object),
+    }
+    path = draw.save_prediction_grid([example] * 2, [{}, {}], NAMES, tmp_path / "grid.png")
+    sheet = np.asarray(Image.open(path))
+    cell = draw.GRID_CELL_SIDE
+    assert sheet.shape == (2 * cell, 2 * cell, 3)
+    assert tuple(sheet[10, 10]) == tuple(sheet[10, cell + 10]) == (200, 200, 200)
+    with pytest.raises(ValueError, match="2 examples but 1 predictions"):
+        draw.save_prediction_grid([example] * 2, [{}], NAMES, tmp_path / "bad.png")
