@@ -69,11 +69,14 @@ class DetectionTask:
 
     def grammar(self) -> np.ndarray:
         """Allowed tokens per position of an object group, bool [5, V] (inference's token
-        mask, `decode.cyclic_token_mask`): coordinate or END, 3 coordinates, a real class."""
+        mask, `decode.cyclic_token_mask`): coordinate or END, 3 coordinates, a class or FAKE.
+        FAKE stays allowed so a box's class probability is not renormalized over the noise
+        mass (Pix2Seq scores by the real-class probability); `decode` drops FAKE groups."""
         tokens = np.arange(self.vocab.size)
         coord = self.vocab.is_coord(tokens)
         first = coord | (tokens == END)
-        return np.stack([first, coord, coord, coord, self.vocab.is_class(tokens)])
+        label = self.vocab.is_class(tokens) | (tokens == Vocab.FAKE_CLASS)
+        return np.stack([first, coord, coord, coord, label])
 
     def encode(
         self, example: dict[str, Any], *, training: bool, rng: np.random.Generator | None = None
