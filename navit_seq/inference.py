@@ -175,11 +175,12 @@ class Predictor:
             batch["example_id"][b, 0] = tokens["example_id"]
             batch["row_slot"][b, : len(image.prompts)] = 0
             prompt[b, : len(image.prompts)] = image.prompts
+        self.last_batch = {k: jnp.asarray(v) for k, v in batch.items()}  # for inspection
         rng = jax.random.fold_in(self.rng, self.calls)
         self.calls += 1
         out = decode.generate(
             self.model,
-            {k: jnp.asarray(v) for k, v in batch.items()},
+            self.last_batch,
             jnp.asarray(prompt),
             rng,
             config,

@@ -29,6 +29,7 @@ def tiny_recipe(data_dir: str):
     config.model = model
     config.evaluation = inference.default_evaluation_config()
     config.evaluation.update(num_images=3, images_per_batch=2, max_instances=3, segm_samples=2)
+    config.evaluation.detection_top_p = 1.0  # sampling: an untrained model's argmax may be FAKE
     sequence.resolve_config(config)
     return config
 
@@ -90,6 +91,7 @@ def test_untrained_model_gives_well_formed_predictions_of_every_task(recipe_and_
     examples = inference.evaluation_examples(config)
     predictions = inference.Predictor(config, model).predict(examples)
     assert len(predictions) == 3
+    assert any(p["masks"] and p["masks"][0] is not None for p in predictions)  # boxes prompted
     for prediction, example in zip(predictions, examples, strict=True):
         check_well_formed(prediction, example)
 
@@ -139,3 +141,48 @@ def test_training_logs_split_metrics_at_eval(scenes_data_dir, tmp_path):
     assert evaluation["num_images"] == 2 and "loss" in evaluation
     for key in ("bbox_AP", "segm_AP", "keypoints_AP", "caption_BLEU4", "caption_CIDEr"):
         assert key in evaluation
+
+
+def test_detection_scores_are_class_token_probabilities_of_a_full_recomputation(
+    recipe_and_model,
+):
+    """Scores vs the teacher-forced forward pass over the generated rows (float64 softmax
+    under the grammar), not the decoder's KV-cached steps."""
+    import jax.numpy as jnp
+
+    from navit_seq.tasks.vocab import END, Vocab
+
+    config, model = recipe_and_model
+    predictor = inference.Predictor(config, model)
+    examples = inference.evaluation_examples(config)[:2]
+    images = [predictor._image_tokens(e["image"], int(e["image_id"])) for e in examples]
+    found = predictor._detect(examples, images)
+    codec = predictor.tasks["detection"]
+    prompt = np.array([[Vocab.DETECTION_PROMPT]], np.int32)
+    predictor.calls = 0  # the same rng: the same samples
+    tokens, _ = predictor._generate(
+        [inference._Image(t, prompt) for t in images], 1, "detection",
+        inference._decode_config(codec.seq_len - 1, 1.0),
+    )  # fmt: skip
+    batch = predictor.last_batch
+    rows = np.concatenate([np.full((len(images), 1), Vocab.DETECTION_PROMPT), tokens[:, 0]], 1)
+    decoder_input = np.zeros(batch["row_slot"].shape + (codec.seq_len,), np.int32)
+    decoder_input[: len(images), 0] = rows[:, : codec.seq_len]
+    logits = model({**batch, "decoder_input": jnp.asarray(decoder_input)}, deterministic=True)
+    logits = np.asarray(logits["logits"], np.float64)[: len(images), 0]  # [b, T, V]
+    grammar = codec.grammar()
+    for image, f in enumerate(found):
+        expected = []
+        generated = tokens[image, 0]
+        for group in range(len(generated) // 5):
+            if generated[group * 5] == END:
+                break
+            position = group * 5 + 4  # the class token, predicted from input position + 0
+            allowed = grammar[4]
+            row_logits = np.where(allowed, logits[image, position], -np.inf)
+            probs = np.exp(row_logits - row_logits.max())
+            probs /= probs.sum()
+            if codec.vocab.is_class(generated[position]):
+                expected.append(probs[generated[position]])
+        np.testing.assert_allclose(np.sort(f["scores"]), np.sort(expected), rtol=2e-3)
+        assert len(f["scores"]) > 0
