@@ -1,9 +1,11 @@
 """Evaluate a workdir's checkpoint: `python -m navit_seq.evaluate --config ... --workdir DIR`.
 
 Restores the latest (or `--step`) checkpoint onto this machine's mesh, runs the recipe's eval
-split and writes DIR/eval_results.json: `{"step": N, "split": ..., "metrics": {...}}`.
+split and writes DIR/eval_results.json: `{"step": N, "split": ..., "metrics": {...}}`, and the
+same metrics to the metric writers (TensorBoard and metrics.jsonl, split `eval_<split>`).
 Objectives with a whole-split evaluation (the sequence objective with `config.evaluation`)
 add its metrics: bbox_AP, bbox_AP50, segm_AP, keypoints_AP, caption_BLEU4, caption_CIDEr, ...
+and DIR/eval_predictions.png, the first images' predictions next to their ground truth.
 """
 
 import json
@@ -12,11 +14,13 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from navit_seq import config_utils, sharding  # noqa: E402
 from navit_seq.main import objective_for  # noqa: E402
 from navit_seq.train import checkpoint as checkpoint_lib  # noqa: E402
 from navit_seq.train import loop  # noqa: E402
+from navit_seq.train import metrics as metrics_lib  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -32,8 +36,21 @@ def main(argv: list[str]) -> None:
     metrics = trainer.evaluate(state, objective.eval_iterator())
     if objective.evaluate_split is not None:  # task metrics: COCO AP, caption BLEU-4 / CIDEr
         metrics.update(trainer.split_metrics(state, step))
+    if "evaluation" in config:  # sequence recipes: predictions next to ground truth, a PNG
+        from navit_seq.predict import save_split_grid
+
+        params = state.ema_params if trainer.use_ema else state.params
+        with trainer.context():
+            model = nnx.merge(trainer.graphdef, params, state.model_state)
+        grid = save_split_grid(config, model, workdir / "eval_predictions.png")
+        if jax.process_index() == 0:
+            print(f"Wrote {grid} (predictions next to ground truth)")
     checkpointer.close()
-    results = {"step": step, "split": config.data.get("eval_split", "eval"), "metrics": metrics}
+    split = config.data.get("eval_split", "eval")
+    results = {"step": step, "split": split, "metrics": metrics}
+    logger = metrics_lib.MetricsLogger(workdir)  # TensorBoard + metrics.jsonl, split eval_<split>
+    logger.write(step, f"eval_{split}", metrics)
+    logger.close()
     if jax.process_index() == 0:
         path = workdir / "eval_results.json"
         path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

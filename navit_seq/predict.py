@@ -109,6 +109,29 @@ def predict(
     return inference.Predictor(config, model).predict([example])[0]
 
 
+def save_split_grid(
+    config: ml_collections.ConfigDict, model: Any, path: str | os.PathLike, num_images: int = 8
+) -> str:
+    """A PNG grid of the first `num_images` images of the evaluation split: each one's
+    prediction (every task of the recipe) next to its ground truth. Every process predicts
+    (the model may be sharded over hosts); process 0 writes. Returns the path."""
+    import jax
+
+    from navit_seq import inference
+    from navit_seq.data import sources
+    from navit_seq.evaluation import draw
+
+    options = config.get("evaluation", inference.default_evaluation_config())
+    split = options.get("split") or config.data.eval_split
+    source = sources.data_source(config.data.name, split, data_dir=config.data.data_dir)
+    examples = [source[i] for i in range(min(num_images, len(source)))]
+    predictions = inference.Predictor(config, model).predict(examples)
+    if jax.process_index() != 0:
+        return os.fspath(path)
+    names = sources.class_names(config.data.name, data_dir=config.data.data_dir)
+    return draw.save_prediction_grid(examples, predictions, names, path)
+
+
 def to_json(prediction: Mapping[str, Any]) -> dict[str, Any]:
     """Numpy arrays as lists and RLE counts as str, so `json.dumps` takes the prediction."""
 

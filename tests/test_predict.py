@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from navit_seq import config_utils, predict
+from navit_seq.evaluation import draw
 from navit_seq.train import loop, sequence
 
 
@@ -78,3 +79,11 @@ def test_grey_and_alpha_images_load_as_rgb(tmp_path):
     Image.new("LA", (5, 3), (128, 255)).save(tmp_path / "grey.png")
     image = predict.load_image(tmp_path / "grey.png")
     assert image.shape == (3, 5, 3) and image.dtype == np.uint8 and (image == 128).all()
+
+
+@pytest.mark.slow  # shares the 2-step workdir; compiles the decoder for each task
+def test_split_grid_has_one_row_per_image_prediction_then_ground_truth(workdir, tmp_path):
+    config, model = predict.restore_model(workdir)
+    path = predict.save_split_grid(config, model, tmp_path / "grid.png", num_images=2)
+    sheet = Image.open(path)
+    assert sheet.size == (2 * draw.GRID_CELL_SIDE, 2 * draw.GRID_CELL_SIDE)
