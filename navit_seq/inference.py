@@ -3,7 +3,7 @@
 Order per chunk of `evaluation.images_per_batch` images (each packed alone into one row of a
 fixed-shape batch at the eval token budget, so nothing recompiles):
 1. detection: greedy or nucleus decoding under the codec's grammar; a box's score is its class
-   token's probability;
+   token's probability (FAKE stays in the distribution, and FAKE groups are dropped);
 2. segmentation and keypoints, prompted by the detected boxes (or the ground-truth ones,
    `evaluation.use_gt_boxes`): one decoder row per box, all rows of an image in one call (the
    image encoded once). Segmentation draws `segm_samples` masks per box, averages them and
