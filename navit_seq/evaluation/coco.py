@@ -140,7 +140,7 @@ def results(
 ) -> dict[str, list[dict[str, Any]]]:
     """Per-image predictions (navit_seq.inference format) -> pycocotools result lists per kind.
 
-    Masks and keypoints are listed only where the prediction has them.
+    Masks and keypoints are listed only where the prediction has them (keypoints: some v > 0).
     """
     out: dict[str, list[dict[str, Any]]] = {kind: [] for kind in IOU_TYPES}
     for prediction in predictions:
@@ -169,7 +169,8 @@ def results(
             out["bbox"].append({**common, "bbox": box})
             if masks is not None and masks[index] is not None:
                 out["segm"].append({**common, "segmentation": _rle_json(masks[index])})
-            if keypoints is not None and keypoints[index] is not None:
+            # All-zero visibility: no keypoints were predicted for this box (not a person).
+            if keypoints is not None and np.asarray(keypoints[index])[:, 2].any():
                 points = _pixel_keypoints(keypoints[index], height, width)
                 out["keypoints"].append({**common, "keypoints": points, "bbox": box})
     return out

@@ -81,6 +81,7 @@ def test_ground_truth_fed_back_scores_ap_one_on_a_hand_made_case():
     examples = hand_made_examples()
     metrics = coco.coco_metrics(examples, ground_truth_as_predictions(examples))
     assert metrics["bbox_num_gt"] == 3 and metrics["keypoints_num_gt"] == 1
+    assert metrics["keypoints_num_predictions"] == 1  # boxes without keypoints are not listed
     for kind in coco.IOU_TYPES:
         assert metrics[f"{kind}_AP"] == pytest.approx(1.0), kind
 
