@@ -108,6 +108,22 @@ def save_config(config: ml_collections.ConfigDict, path: Path) -> None:
     path.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2) + "\n")
 
 
+def check_same_recipe(config: ml_collections.ConfigDict, path: Path) -> None:
+    """Refuses to resume a workdir whose saved run (`path`, its config.json) trained another
+    trainer or model: restoring its checkpoint would fail deep inside Orbax instead."""
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    current = json.loads(config.to_json_best_effort())
+    differing = [key for key in ("trainer", "model") if saved.get(key) != current.get(key)]
+    if differing:
+        sys.exit(
+            f"FATAL: {path.parent} holds a run with a different {' and '.join(differing)} "
+            f"(see {path}); resuming it with this recipe cannot work. Pass a new --workdir, or "
+            "delete that one to start over."
+        )
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """`app.run` with the config-aware flag parser."""
     app.run(main, flags_parser=parse_flags)

@@ -31,6 +31,7 @@ def main(argv: list[str]) -> None:
     workdir = config_utils.required_workdir()
     sharding.maybe_initialize_distributed(config)
     workdir.mkdir(parents=True, exist_ok=True)
+    config_utils.check_same_recipe(config, workdir / "config.json")
     if jax.process_index() == 0:
         config_utils.save_config(config, workdir / "config.json")
     print(f"navit_seq.main: {jax.device_count()} devices ({jax.process_count()} processes); "

@@ -251,3 +251,17 @@ def test_diverging_run_stops_with_a_message_naming_the_last_good_checkpoint(tmp_
         error.value
     )
     assert checkpoint_lib.Checkpointer(tmp_path / "checkpoints", every_steps=0).latest_step() == 1
+
+
+def test_resuming_a_workdir_of_another_model_is_refused_naming_it(tmp_path):
+    saved = toy.toy_config()
+    config_utils.save_config(saved, tmp_path / "config.json")
+    same = toy.toy_config()
+    with same.unlocked():
+        same.data.data_dir = "elsewhere"  # data paths may change between runs
+    config_utils.check_same_recipe(same, tmp_path / "config.json")
+    other = toy.toy_config()
+    with other.unlocked():
+        other.model.dropout = 0.5
+    with pytest.raises(SystemExit, match=r"different model .*new --workdir"):
+        config_utils.check_same_recipe(other, tmp_path / "config.json")
