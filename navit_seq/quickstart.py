@@ -75,8 +75,9 @@ def main() -> None:
     )  # fmt: skip
     run_stage(
         "train the multi-task recipe on CPU",
+        # The whole-split evaluation runs once, in the next stage, not also at the last step.
         ["python", "-m", "navit_seq.main", "--config", args.config, "--workdir", args.workdir,
-         f"--config.data.data_dir={args.data_dir}"],
+         f"--config.data.data_dir={args.data_dir}", "--config.evaluation.every_steps=-1"],
     )  # fmt: skip
     run_stage(
         "evaluate the final checkpoint (COCO AP, caption scores, a picture grid)",
