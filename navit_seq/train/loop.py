@@ -58,8 +58,9 @@ def host_metrics(metrics: MetricDict) -> MetricDict:
     """Waits for a step's metrics and moves them to numpy; the host then merges them in numpy.
 
     Why not merge on device: the main thread dispatching JAX ops while a step that runs a host
-    callback (the encoder's position-range check) is in flight can deadlock JAX's CPU client
-    (jax-ml/jax#25861). Waiting per step costs little: the grain pipeline prefetches anyway.
+    callback (the learned tables' index check, models/index_check.py) is in flight is the
+    pattern behind JAX CPU-client deadlocks (jax-ml/jax#25861); waiting per step rules it out
+    and costs little, since the grain pipeline prefetches anyway.
     """
     return jax.device_get(metrics)
 
