@@ -306,6 +306,25 @@ def make_dataset(
     )
 
 
+def split_dataset(
+    config: ml_collections.ConfigDict, split: str, *, train: bool
+) -> grain.IterDataset:
+    """`make_dataset` over split `split` of the TFDS dataset `config.name` in `config.data_dir`,
+    for this host (JAX's process index and count): what every trainer reads."""
+    import jax  # the main process only: grain workers never import JAX through this module
+
+    from navit_seq.data import sources
+
+    source = sources.data_source(config.name, split, data_dir=config.data_dir)
+    return make_dataset(
+        source,
+        config,
+        train=train,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
 def _packed_dataset(
     source: Sequence[dict],
     config: ml_collections.ConfigDict,

@@ -14,6 +14,7 @@ import ml_collections
 from clu import metrics as clu_metrics
 from flax import nnx
 
+from navit_seq.data import pipeline
 from navit_seq.losses import classification as losses
 from navit_seq.train.loop import MetricDict, Objective
 
@@ -103,27 +104,14 @@ def model_fn(config: ml_collections.ConfigDict):
     return lambda: Classifier(config.model, rngs=nnx.Rngs(config.seed))
 
 
-def _dataset(config: ml_collections.ConfigDict, split: str, train: bool):
-    from navit_seq.data import pipeline, sources
-
-    source = sources.data_source(config.data.name, split, data_dir=config.data.data_dir)
-    return pipeline.make_dataset(
-        source,
-        config.data,
-        train=train,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-
 def train_iterator(config: ml_collections.ConfigDict) -> Iterator:
     """This host's checkpointable iterator over packed training batches."""
-    return iter(_dataset(config, config.data.train_split, train=True))
+    return iter(pipeline.split_dataset(config.data, config.data.train_split, train=True))
 
 
 def eval_iterator(config: ml_collections.ConfigDict) -> Iterable:
     """One pass over this host's share of the eval split, at the eval token budget."""
-    return _dataset(config, config.data.eval_split, train=False)
+    return pipeline.split_dataset(config.data, config.data.eval_split, train=False)
 
 
 def objective(config: ml_collections.ConfigDict) -> Objective:

@@ -27,6 +27,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 
 from navit_seq import sharding
+from navit_seq.data import pipeline
 from navit_seq.evaluation import retrieval
 from navit_seq.losses import contrastive as losses
 from navit_seq.train.loop import MetricDict, Objective, close_iterator, model_inputs
@@ -180,27 +181,14 @@ def model_fn(config: ml_collections.ConfigDict):
     return lambda: TwoTower(config.model, rngs=nnx.Rngs(config.seed))
 
 
-def _dataset(data_config: ml_collections.ConfigDict, split: str, train: bool):
-    from navit_seq.data import pipeline, sources
-
-    source = sources.data_source(data_config.name, split, data_dir=data_config.data_dir)
-    return pipeline.make_dataset(
-        source,
-        data_config,
-        train=train,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-
 def train_iterator(config: ml_collections.ConfigDict) -> Iterator:
     """This host's checkpointable iterator over packed image-caption batches."""
-    return iter(_dataset(config.data, config.data.train_split, train=True))
+    return iter(pipeline.split_dataset(config.data, config.data.train_split, train=True))
 
 
 def eval_iterator(config: ml_collections.ConfigDict) -> Iterable:
     """One pass over this host's share of the eval split, at the eval token budget."""
-    return _dataset(config.data, config.data.eval_split, train=False)
+    return pipeline.split_dataset(config.data, config.data.eval_split, train=False)
 
 
 def zero_shot_classification(
@@ -234,7 +222,7 @@ def zero_shot_classification(
     data_config.task = dict(name="classification", num_classes=len(names))
     embed_images = jax.jit(lambda batch: model.embed_images(batch, deterministic=True))
     image_emb, labels = [], []
-    batches = iter(_dataset(data_config, data_config.eval_split, train=False))
+    batches = iter(pipeline.split_dataset(data_config, data_config.eval_split, train=False))
     try:
         for batch in batches:
             embeddings, valid = jax.device_get(embed_images(model_inputs(batch)))

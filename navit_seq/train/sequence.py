@@ -20,6 +20,7 @@ import ml_collections
 from clu import metrics as clu_metrics
 from flax import nnx
 
+from navit_seq.data import pipeline
 from navit_seq.losses import sequence as losses
 from navit_seq.train.loop import MetricDict, Objective
 
@@ -135,27 +136,14 @@ def make_eval_metrics(config: ml_collections.ConfigDict, ids: Mapping[str, int])
     return eval_metrics
 
 
-def _dataset(data_config: ml_collections.ConfigDict, split: str, train: bool):
-    from navit_seq.data import pipeline, sources
-
-    source = sources.data_source(data_config.name, split, data_dir=data_config.data_dir)
-    return pipeline.make_dataset(
-        source,
-        data_config,
-        train=train,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-
 def train_iterator(config: ml_collections.ConfigDict) -> Iterator:
     """This host's checkpointable iterator over packed batches with decoder rows."""
-    return iter(_dataset(config.data, config.data.train_split, train=True))
+    return iter(pipeline.split_dataset(config.data, config.data.train_split, train=True))
 
 
 def eval_iterator(config: ml_collections.ConfigDict) -> Iterable:
     """One pass over this host's share of the eval split: every example once by each task."""
-    return _dataset(config.data, config.data.eval_split, train=False)
+    return pipeline.split_dataset(config.data, config.data.eval_split, train=False)
 
 
 def objective(config: ml_collections.ConfigDict) -> Objective:
