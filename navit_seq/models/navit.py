@@ -145,6 +145,48 @@ class EncoderBlock(nnx.Module):
         return constrain(x, ("act_batch", "act_len", "act_emb"))
 
 
+def encoder_stack(
+    sizes: Mapping[str, int], config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+) -> tuple[nnx.List, nnx.LayerNorm, MAPHead | None]:
+    """The transformer stack shared by the image (NaViT) and text towers: `depth` blocks, the
+    final norm, and the MAP head when `config.pooling == "map"` (else None)."""
+    dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
+    width = sizes["width"]
+    blocks = nnx.List([EncoderBlock(sizes, config, rngs=rngs) for _ in range(sizes["depth"])])
+    final_norm = nnx.LayerNorm(
+        width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
+        scale_init=partitioned(nnx.initializers.ones, ("embed",)),
+        bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+        rngs=rngs,
+    )  # fmt: skip
+    map_head = None
+    if config.pooling == "map":
+        mlp = MLP(width, sizes["mlp_dim"], use_bias=config.use_bias, dropout=0.0,
+                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+        map_head = MAPHead(
+            width, sizes["num_heads"], mlp, use_bias=config.use_bias,
+            impl=config.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+    return blocks, final_norm, map_head
+
+
+def pool_examples(
+    tokens: jax.Array, segment_ids: jax.Array, example_valid: jax.Array, map_head, pooling: str
+) -> dict[str, jax.Array]:
+    """tokens [B, L, D] -> {"tokens", "pooled" [B, E, D] (zero at empty slots), "pooled_valid"
+    [B, E]}: one vector per example slot, by the MAP head, a masked mean, or zeros ("none")."""
+    in_slot = slot_token_mask(segment_ids, example_valid.shape[1])  # [B, E, L]
+    pooled_valid = example_valid & in_slot.any(-1)  # [B, E]
+    if pooling == "map":
+        pooled = map_head(tokens, in_slot)
+    elif pooling == "mean":
+        pooled = masked_mean_pool(tokens, in_slot)
+    else:
+        pooled = jnp.zeros((*pooled_valid.shape, tokens.shape[-1]), tokens.dtype)
+    pooled = jnp.where(pooled_valid[..., None], pooled, 0)  # [B, E, D]
+    return {"tokens": tokens, "pooled": pooled, "pooled_valid": pooled_valid}
+
+
 class NaViT(nnx.Module):
     """The NaViT encoder (see the module docstring for inputs and outputs)."""
 
@@ -166,24 +208,7 @@ class NaViT(nnx.Module):
             rngs=rngs,
         )  # fmt: skip
         self.posemb = PositionalEmbedding(config.posemb, width, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = nnx.List(
-            [EncoderBlock(sizes, config, rngs=rngs) for _ in range(sizes["depth"])]
-        )
-        self.final_norm = nnx.LayerNorm(
-            width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
-            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
-            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
-            rngs=rngs,
-        )  # fmt: skip
-        if config.pooling == "map":
-            mlp = MLP(width, sizes["mlp_dim"], use_bias=config.use_bias, dropout=0.0,
-                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
-            self.map_head = MAPHead(
-                width, sizes["num_heads"], mlp, use_bias=config.use_bias,
-                impl=config.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-            )  # fmt: skip
-        else:
-            self.map_head = None
+        self.blocks, self.final_norm, self.map_head = encoder_stack(sizes, config, rngs=rngs)
 
     def __call__(
         self, batch: Mapping[str, jax.Array], *, deterministic: bool
@@ -207,15 +232,6 @@ class NaViT(nnx.Module):
         for block in self.blocks:
             x = block(x, attend, deterministic=deterministic)
         tokens = jnp.where(token_valid, self.final_norm(x), 0)  # [B, L, D]
-
-        max_examples = batch["example_valid"].shape[1]
-        in_slot = slot_token_mask(segment_ids, max_examples)  # [B, E, L]
-        pooled_valid = batch["example_valid"] & in_slot.any(-1)  # [B, E]
-        if self.pooling == "map":
-            pooled = self.map_head(tokens, in_slot)
-        elif self.pooling == "mean":
-            pooled = masked_mean_pool(tokens, in_slot)
-        else:
-            pooled = jnp.zeros((*pooled_valid.shape, tokens.shape[-1]), tokens.dtype)
-        pooled = jnp.where(pooled_valid[..., None], pooled, 0)  # [B, E, D]
-        return {"tokens": tokens, "pooled": pooled, "pooled_valid": pooled_valid}
+        return pool_examples(
+            tokens, segment_ids, batch["example_valid"], self.map_head, self.pooling
+        )

@@ -18,9 +18,9 @@ from flax import nnx
 
 from navit_seq.models.attention import segment_attend_mask
 from navit_seq.models.index_check import check_index_below
-from navit_seq.models.navit import MLP, EncoderBlock, dtype_of, model_sizes
+from navit_seq.models.navit import dtype_of, encoder_stack, model_sizes, pool_examples
 from navit_seq.models.partitioning import constrain, param, partitioned
-from navit_seq.models.pooling import POOLINGS, MAPHead, masked_mean_pool, slot_token_mask
+from navit_seq.models.pooling import POOLINGS
 
 _EMBED_INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -84,24 +84,7 @@ class TextTower(nnx.Module):
         self.position_table = param(
             rngs, _EMBED_INIT, ("posemb_len", "embed"), (config.max_len, width), param_dtype
         )
-        self.blocks = nnx.List(
-            [EncoderBlock(sizes, config, rngs=rngs) for _ in range(sizes["depth"])]
-        )
-        self.final_norm = nnx.LayerNorm(
-            width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
-            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
-            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
-            rngs=rngs,
-        )  # fmt: skip
-        if config.pooling == "map":
-            mlp = MLP(width, sizes["mlp_dim"], use_bias=config.use_bias, dropout=0.0,
-                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
-            self.map_head = MAPHead(
-                width, sizes["num_heads"], mlp, use_bias=config.use_bias,
-                impl=config.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-            )  # fmt: skip
-        else:
-            self.map_head = None
+        self.blocks, self.final_norm, self.map_head = encoder_stack(sizes, config, rngs=rngs)
 
     def __call__(
         self, batch: Mapping[str, jax.Array], *, deterministic: bool
@@ -137,13 +120,6 @@ class TextTower(nnx.Module):
         for block in self.blocks:
             x = block(x, attend, deterministic=deterministic)
         tokens = jnp.where(token_valid[..., None], self.final_norm(x), 0)  # [B, L, D]
-
-        max_examples = batch["example_valid"].shape[1]
-        in_slot = slot_token_mask(segment_ids, max_examples)  # [B, E, L]
-        pooled_valid = batch["example_valid"] & in_slot.any(-1)  # [B, E]
-        if self.pooling == "map":
-            pooled = self.map_head(tokens, in_slot)
-        else:
-            pooled = masked_mean_pool(tokens, in_slot)
-        pooled = jnp.where(pooled_valid[..., None], pooled, 0)  # [B, E, D]
-        return {"tokens": tokens, "pooled": pooled, "pooled_valid": pooled_valid}
+        return pool_examples(
+            tokens, segment_ids, batch["example_valid"], self.map_head, self.pooling
+        )
