@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from navit_seq import config_utils, sharding  # noqa: E402
+from navit_seq import config_utils, cpu_runtime, sharding  # noqa: E402
 from navit_seq.train import loop  # noqa: E402
 
 
@@ -30,6 +30,7 @@ def main(argv: list[str]) -> None:
     config = config_utils.validated_config()
     workdir = config_utils.required_workdir()
     sharding.maybe_initialize_distributed(config)
+    cpu_runtime.prepare_process_for_training()
     workdir.mkdir(parents=True, exist_ok=True)
     config_utils.check_same_recipe(config, workdir / "config.json")
     if jax.process_index() == 0:

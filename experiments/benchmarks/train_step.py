@@ -35,17 +35,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from navit_seq import cpu_runtime
 from navit_seq.data import packing, patches
 from navit_seq.losses import classification as losses
 from navit_seq.models import classifier, navit, pooling
 
 Batch = dict[str, np.ndarray]
 Forward = Callable[[nnx.Module, Batch], jax.Array]  # (model, batch) -> logits [B, E, C]
-# XLA:CPU in jax 0.10 hands dots, reductions and elementwise ops to YNNPACK; for this step,
-# keeping YNNPACK for dot fusions only used 20% less CPU time (8.6 -> 6.9 CPU-s per ViT-S step,
-# the two compiled in one process and run interleaved), the rest going to XLA's own loops.
-# `--xla-defaults` measures without it. A trainer can pass the same `compiler_options` to jit.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 LEARNING_RATE = 1e-3  # any value: the benchmark times the update, it does not train
 WEIGHT_DECAY = 1e-4
 
@@ -438,7 +434,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--xla-defaults",
         action="store_true",
-        help="compile with XLA's default options instead of CPU_COMPILER_OPTIONS",
+        help="compile with XLA's default options instead of cpu_runtime.CPU_COMPILER_OPTIONS",
+    )
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave glibc's malloc as it is instead of cpu_runtime.keep_freed_memory() "
+        "(applies to the peer too: both run in this process)",
     )
     return parser.parse_args(argv)
 
@@ -456,7 +458,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"packing kept {num_images} of {len(images)} images")
 
     on_cpu = jax.default_backend() == "cpu"
-    compiler_options = CPU_COMPILER_OPTIONS if on_cpu and not args.xla_defaults else {}
+    compiler_options = {} if args.xla_defaults else cpu_runtime.compiler_options()
+    # The trainer's entry point does the same (navit_seq/main.py); process-wide, so the peer's
+    # torch allocations get it too.
+    kept_freed_memory = on_cpu and not args.glibc_defaults and cpu_runtime.keep_freed_memory()
     load_before = os.getloadavg()[0]
     model = build_classifier(workload, seed=workload.seed)
     run_packed, compiled = compile_jax_step(model, packed_logits, packed, compiler_options)
@@ -510,6 +515,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mfu": step_flops / packed_s / peak,
         "useful_mfu": useful_flops / packed_s / peak,
         "compiler_options": compiler_options,
+        "keep_freed_memory": kept_freed_memory,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0],
         "jax": jax.__version__,

@@ -63,9 +63,7 @@ def example_features(
                     "area": tf.float32,  # mask area in pixels at the stored resolution
                     "mask_rle": tfds.features.Tensor(shape=(), dtype=tf.string),
                     "num_polygons": tf.int32,
-                    "keypoints": tfds.features.Tensor(
-                        shape=(NUM_KEYPOINTS, 3), dtype=tf.float32
-                    ),
+                    "keypoints": tfds.features.Tensor(shape=(NUM_KEYPOINTS, 3), dtype=tf.float32),
                     "num_keypoints": tf.int32,  # keypoints with visibility > 0
                     "phrase": tfds.features.Text(),
                 }

@@ -21,7 +21,7 @@ from clu import metrics as clu_metrics
 from clu import periodic_actions
 from flax import nnx
 
-from navit_seq import sharding
+from navit_seq import cpu_runtime, sharding
 from navit_seq.train import checkpoint as checkpoint_lib
 from navit_seq.train import metrics as metrics_lib
 from navit_seq.train import optimizer as optimizer_lib
@@ -226,11 +226,13 @@ class Trainer:
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
+            compiler_options=cpu_runtime.compiler_options(),
         )
         self._eval_step = jax.jit(
             make_eval_step(self.graphdef, self.objective.eval_metrics, self.use_ema),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=replicated,
+            compiler_options=cpu_runtime.compiler_options(),
         )
         self._compiled_train_step = None
 

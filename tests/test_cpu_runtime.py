@@ -1,0 +1,100 @@
+"""navit_seq.cpu_runtime: the XLA:CPU compiler options and glibc's keep-freed-memory setting."""
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from navit_seq import cpu_runtime
+
+
+def test_compiler_options_only_on_cpu():
+    assert cpu_runtime.compiler_options("cpu") == cpu_runtime.CPU_COMPILER_OPTIONS
+    assert cpu_runtime.compiler_options("gpu") == {}
+    assert cpu_runtime.compiler_options("tpu") == {}
+
+
+def test_options_keep_the_reductions_out_of_ynnpack_and_the_numbers_the_same():
+    def softmax_of_matmul(x):
+        return jax.nn.softmax(x @ x.T, axis=-1)  # one dot, then reductions + elementwise
+
+    x = jax.random.normal(jax.random.key(0), (64, 32))
+    default = jax.jit(softmax_of_matmul).lower(x).compile()
+    tuned = jax.jit(softmax_of_matmul, compiler_options=cpu_runtime.compiler_options("cpu"))
+    tuned = tuned.lower(x).compile()
+    # The default hands the dot and the softmax to YNNPACK; the option keeps only the dot there.
+    assert default.as_text().count('"kind":"__ynn_fusion"') == 2
+    assert tuned.as_text().count('"kind":"__ynn_fusion"') == 1
+    np.testing.assert_allclose(tuned(x), default(x), rtol=1e-6, atol=1e-7)
+
+
+RSS_AFTER_FREE = textwrap.dedent(
+    """
+    import ctypes, sys
+    from navit_seq import cpu_runtime
+    if sys.argv[1] == "keep":
+        assert cpu_runtime.keep_freed_memory()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    def rss_mib():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+    size = 256 * 2**20
+    block = libc.malloc(ctypes.c_size_t(size))
+    ctypes.memset(block, 1, size)  # fault every page in
+    before = rss_mib()
+    libc.free(ctypes.c_void_p(block))
+    print(before - rss_mib())  # MiB given back to the OS by free()
+    """
+)
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_keep_freed_memory_keeps_a_freed_large_block_for_reuse():
+    def released_mib(mode: str) -> float:
+        result = subprocess.run(
+            [sys.executable, "-c", RSS_AFTER_FREE, mode], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+        return float(result.stdout)
+
+    assert released_mib("default") > 200  # glibc munmaps a 256 MiB block at free()
+    assert released_mib("keep") < 1  # kept in the heap: the next step reuses its pages
+
+
+def test_keep_freed_memory_says_when_it_cannot(monkeypatch):
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    assert cpu_runtime.keep_freed_memory() is False
+
+
+def test_prepare_process_for_training_leaves_other_backends_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cpu_runtime.prepare_process_for_training()
+    assert calls == []
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    cpu_runtime.prepare_process_for_training()
+    assert calls == [1]
+
+
+def test_jitted_step_with_the_options_matches_the_default_step():
+    # A small transformer-like step (matmul, layer norm, GELU, softmax) and its gradient.
+    def loss(w, x):
+        h = jax.nn.gelu(x @ w)
+        h = (h - h.mean(-1, keepdims=True)) / jnp.sqrt(h.var(-1, keepdims=True) + 1e-6)
+        return jnp.sum(jax.nn.log_softmax(h @ w.T, axis=-1) ** 2)
+
+    w = jax.random.normal(jax.random.key(1), (16, 48)) / 4
+    x = jax.random.normal(jax.random.key(2), (40, 16))
+    step = jax.value_and_grad(loss)
+    tuned = jax.jit(step, compiler_options=cpu_runtime.compiler_options("cpu"))(w, x)
+    default = jax.jit(step)(w, x)
+    np.testing.assert_allclose(tuned[0], default[0], rtol=1e-5)
+    np.testing.assert_allclose(tuned[1], default[1], rtol=1e-4, atol=1e-6)
