@@ -1,7 +1,7 @@
 """XLA:CPU settings that make training on a CPU fast. Numerics are unchanged; on GPU/TPU
-`compiler_options()` is empty and the trainer's entry points skip `keep_freed_memory()`.
+`compiler_options()` is empty and `prepare_process_for_training()` changes nothing.
 
-Both were measured on the shared ViT-S/16 training step (experiments/benchmarks/README.md,
+All three were measured on the shared ViT-S/16 training step (experiments/benchmarks/README.md,
 2-core VM, jax 0.10.2); each one is a separate, documented knob rather than a global flag:
 
 1. Page faults (`keep_freed_memory`). XLA:CPU mallocs a step's temporary buffers (activations
@@ -16,6 +16,14 @@ Both were measured on the shared ViT-S/16 training step (experiments/benchmarks/
 2. Elementwise ops left to XLA (`compiler_options`). In jax 0.10 XLA:CPU hands dots,
    reductions and elementwise ops to YNNPACK; keeping YNNPACK for dot fusions only used 20% less
    CPU time on that step (8.6 -> 6.9 CPU-s), XLA's own loops doing the rest.
+3. Asynchronous dispatch (`synchronous_cpu_dispatch`). With `jax_cpu_enable_async_dispatch`
+   (the default) a step runs on a client thread beside XLA's worker pool, one thread more than
+   there are cores on a small machine, and the pool's partitioned elementwise ops stall: the
+   same step took 4.2-6.0 s instead of 3.3 s. A program with a host callback (the learned
+   tables' index check, models/index_check.py) is dispatched synchronously anyway, which hid
+   this for the default recipe; a sinusoidal or `out_of_range="clamp"` position embedding
+   showed it. The trainer reads every step's metrics before the next step (loop.host_metrics)
+   and grain prefetches in its own workers, so synchronous dispatch loses no overlap.
 """
 
 import ctypes
@@ -58,7 +66,29 @@ def keep_freed_memory() -> bool:
     return libc.mallopt(_M_TRIM_THRESHOLD, _NEVER) == 1 and done
 
 
+def synchronous_cpu_dispatch() -> None:
+    """Runs CPU computations in the calling thread (item 3 of the module docstring).
+
+    Takes effect only if called before JAX creates its CPU client (its first computation,
+    `jax.devices()` or `jax.default_backend()`); GPU and TPU dispatch is not affected.
+    """
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    # jax 0.10 has no public "is the backend up yet"; without the private one, skip the warning.
+    from jax._src import xla_bridge  # noqa: PLC0415
+
+    initialized = getattr(xla_bridge, "backends_are_initialized", lambda: False)
+    if initialized():
+        logging.warning(
+            "cpu_runtime.synchronous_cpu_dispatch: JAX's backends already exist, so CPU "
+            "dispatch stays asynchronous; call it before the first JAX computation."
+        )
+
+
 def prepare_process_for_training() -> None:
-    """What a training entry point calls once, before its first step."""
+    """What a training entry point calls once, before JAX's first computation.
+
+    Call it after `jax.distributed.initialize` (which must also precede the backend).
+    """
+    synchronous_cpu_dispatch()
     if jax.default_backend() == "cpu":
         keep_freed_memory()

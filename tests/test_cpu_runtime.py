@@ -76,12 +76,51 @@ def test_keep_freed_memory_says_when_it_cannot(monkeypatch):
 def test_prepare_process_for_training_leaves_other_backends_alone(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cpu_runtime, "synchronous_cpu_dispatch", lambda: None)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     cpu_runtime.prepare_process_for_training()
     assert calls == []
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     cpu_runtime.prepare_process_for_training()
     assert calls == [1]
+
+
+DISPATCH_SHARE = textwrap.dedent(
+    """
+    import sys, time
+    import jax, jax.numpy as jnp
+    from navit_seq import cpu_runtime
+    if sys.argv[1] == "sync":
+        cpu_runtime.synchronous_cpu_dispatch()
+    power = jax.jit(lambda x: jnp.linalg.matrix_power(x, 40))  # ~0.1 s of matmuls
+    x = jnp.ones((1000, 1000)) / 1000
+    power(x).block_until_ready()
+    start = time.perf_counter()
+    y = power(x)
+    dispatched = time.perf_counter() - start
+    y.block_until_ready()
+    print(dispatched / (time.perf_counter() - start))  # share of the run spent in the call
+    """
+)
+
+
+def test_synchronous_cpu_dispatch_returns_only_when_the_computation_is_done():
+    def dispatch_share(mode: str) -> float:
+        result = subprocess.run(
+            [sys.executable, "-c", DISPATCH_SHARE, mode], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+        return float(result.stdout)
+
+    assert dispatch_share("async") < 0.5  # JAX's default returns before the work is done
+    assert dispatch_share("sync") > 0.9
+
+
+def test_synchronous_cpu_dispatch_warns_when_called_too_late(caplog):
+    jnp.zeros(2).block_until_ready()  # the backend exists in this test process
+    cpu_runtime.synchronous_cpu_dispatch()
+    assert "call it before the first JAX computation" in caplog.text
+    jax.config.update("jax_cpu_enable_async_dispatch", True)  # leave the process's config
 
 
 def test_jitted_step_with_the_options_matches_the_default_step():

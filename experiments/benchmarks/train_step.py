@@ -437,6 +437,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="compile with XLA's default options instead of cpu_runtime.CPU_COMPILER_OPTIONS",
     )
     parser.add_argument(
+        "--async-dispatch",
+        action="store_true",
+        help="keep JAX's asynchronous CPU dispatch instead of "
+        "cpu_runtime.synchronous_cpu_dispatch()",
+    )
+    parser.add_argument(
         "--glibc-defaults",
         action="store_true",
         help="leave glibc's malloc as it is instead of cpu_runtime.keep_freed_memory() "
@@ -447,6 +453,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs every measurement and returns the results dict (the JSON line)."""
+    if not args.async_dispatch:
+        cpu_runtime.synchronous_cpu_dispatch()  # before the first JAX computation, as main.py
     workload = load_workload(args.workload)
     images, labels = random_images(workload), random_labels(workload)
     packed = pack_workload(images, labels, workload)
@@ -516,6 +524,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "useful_mfu": useful_flops / packed_s / peak,
         "compiler_options": compiler_options,
         "keep_freed_memory": kept_freed_memory,
+        "cpu_async_dispatch": args.async_dispatch,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0],
         "jax": jax.__version__,

@@ -49,7 +49,7 @@ def printed_results(workload_path) -> dict:
     """Runs the benchmark's main once (the peer too when vit-pytorch is installed)."""
     argv = ["--workload", str(workload_path), "--steps", "1", "--warmup", "0"]
     argv += ["--peer-steps", "1", "--peer-warmup", "0", "--peak-size", "64", "--peak-repeats", "1"]
-    argv += ["--glibc-defaults"]  # keep this pytest worker's malloc as it is
+    argv += ["--glibc-defaults", "--async-dispatch"]  # leave this pytest worker's settings
     argv += [] if HAS_PEER else ["--skip-peer"]
     return train_step.main(argv)
 
