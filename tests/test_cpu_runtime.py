@@ -33,6 +33,13 @@ def test_options_keep_the_reductions_out_of_ynnpack_and_the_numbers_the_same():
     np.testing.assert_allclose(tuned(x), default(x), rtol=1e-6, atol=1e-7)
 
 
+def number_printed_by(script: str, mode: str) -> float:
+    """Runs `script` with argument `mode` in a fresh Python (process-wide settings stay there)."""
+    result = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout)
+
+
 RSS_AFTER_FREE = textwrap.dedent(
     """
     import ctypes, sys
@@ -57,15 +64,8 @@ RSS_AFTER_FREE = textwrap.dedent(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
 def test_keep_freed_memory_keeps_a_freed_large_block_for_reuse():
-    def released_mib(mode: str) -> float:
-        result = subprocess.run(
-            [sys.executable, "-c", RSS_AFTER_FREE, mode], capture_output=True, text=True
-        )
-        assert result.returncode == 0, result.stderr
-        return float(result.stdout)
-
-    assert released_mib("default") > 200  # glibc munmaps a 256 MiB block at free()
-    assert released_mib("keep") < 1  # kept in the heap: the next step reuses its pages
+    assert number_printed_by(RSS_AFTER_FREE, "default") > 200  # glibc munmaps 256 MiB at free()
+    assert number_printed_by(RSS_AFTER_FREE, "keep") < 1  # kept: the next step reuses the pages
 
 
 def test_keep_freed_memory_says_when_it_cannot(monkeypatch):
@@ -105,15 +105,8 @@ DISPATCH_SHARE = textwrap.dedent(
 
 
 def test_synchronous_cpu_dispatch_returns_only_when_the_computation_is_done():
-    def dispatch_share(mode: str) -> float:
-        result = subprocess.run(
-            [sys.executable, "-c", DISPATCH_SHARE, mode], capture_output=True, text=True
-        )
-        assert result.returncode == 0, result.stderr
-        return float(result.stdout)
-
-    assert dispatch_share("async") < 0.5  # JAX's default returns before the work is done
-    assert dispatch_share("sync") > 0.9
+    assert number_printed_by(DISPATCH_SHARE, "async") < 0.5  # returns before the work is done
+    assert number_printed_by(DISPATCH_SHARE, "sync") > 0.9
 
 
 def test_synchronous_cpu_dispatch_warns_when_called_too_late(caplog):
