@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from navit_seq.data import pipeline
 from navit_seq.train import checkpoint as checkpoint_lib
 from navit_seq.train import contrastive, loop
 
@@ -53,7 +54,7 @@ def main() -> None:
     results = {"step": step, "loss": args.loss, "devices": jax.device_count()}
     for split in ("validation", "heldout"):
         config.data.eval_split = split
-        retrieval = trainer.evaluate(state, contrastive.eval_iterator(config))
+        retrieval = trainer.evaluate(state, pipeline.eval_batches(config.data))
         zero_shot = contrastive.zero_shot_classification(model, config)
         results[split] = {**retrieval, **zero_shot}
     # Chance: recall@1 = 1 / images; zero-shot top-1 = mean fraction of classes an image has.

@@ -12,7 +12,7 @@ its own `batch_size / process_count` rows; the trainer assembles them into globa
 module never imports JAX (grain workers import it), so the caller passes the process index.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -323,6 +323,26 @@ def split_dataset(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+
+
+def train_batches(config: ml_collections.ConfigDict) -> Iterator:
+    """This host's checkpointable iterator over packed batches of `config.train_split`."""
+    return iter(split_dataset(config, config.train_split, train=True))
+
+
+def eval_batches(config: ml_collections.ConfigDict) -> grain.IterDataset:
+    """One pass over this host's share of `config.eval_split` at the eval token budget (in a
+    multi-task recipe, every example once by each task)."""
+    return split_dataset(config, config.eval_split, train=False)
+
+
+def check_model_patch_size(patch_size: int, config: ml_collections.ConfigDict, field: str) -> None:
+    """Raises unless the model's patch size (config field `field`) equals `config.patch_size`."""
+    if patch_size != config.patch_size:
+        raise ValueError(
+            f"{field}={patch_size} differs from config.data.patch_size={config.patch_size}; "
+            "they must be equal."
+        )
 
 
 def _packed_dataset(

@@ -5,7 +5,7 @@ packed batches, and the grain iterators. Padding examples (`example_valid` False
 from the loss and from every metric.
 """
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -90,11 +90,7 @@ def resolve_num_classes(config: ml_collections.ConfigDict) -> None:
             f"config.model.num_classes={config.model.num_classes} but the dataset's "
             f"data.task.num_classes={task.num_classes}; make them equal (or set the model's to 0)."
         )
-    if config.model.patch_size != config.data.patch_size:
-        raise ValueError(
-            f"config.model.patch_size={config.model.patch_size} differs from "
-            f"config.data.patch_size={config.data.patch_size}; they must be equal."
-        )
+    pipeline.check_model_patch_size(config.model.patch_size, config.data, "config.model.patch_size")
 
 
 def model_fn(config: ml_collections.ConfigDict):
@@ -104,16 +100,6 @@ def model_fn(config: ml_collections.ConfigDict):
     return lambda: Classifier(config.model, rngs=nnx.Rngs(config.seed))
 
 
-def train_iterator(config: ml_collections.ConfigDict) -> Iterator:
-    """This host's checkpointable iterator over packed training batches."""
-    return iter(pipeline.split_dataset(config.data, config.data.train_split, train=True))
-
-
-def eval_iterator(config: ml_collections.ConfigDict) -> Iterable:
-    """One pass over this host's share of the eval split, at the eval token budget."""
-    return pipeline.split_dataset(config.data, config.data.eval_split, train=False)
-
-
 def objective(config: ml_collections.ConfigDict) -> Objective:
     """The classification objective of a recipe (`config.trainer = "classification"`)."""
     resolve_num_classes(config)
@@ -121,6 +107,6 @@ def objective(config: ml_collections.ConfigDict) -> Objective:
         model_fn=model_fn(config),
         loss=make_loss(config),
         eval_metrics=make_eval_metrics(config),
-        train_iterator=lambda: train_iterator(config),
-        eval_iterator=lambda: eval_iterator(config),
+        train_iterator=lambda: pipeline.train_batches(config.data),
+        eval_iterator=lambda: pipeline.eval_batches(config.data),
     )

@@ -15,7 +15,7 @@ grain iterators over the `image_text` task (each image's caption packed into `te
   `zero_shot_classification` scores class-name prompts against the eval images.
 """
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
@@ -150,11 +150,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> None:
             "would shrink the contrastive negatives to one micro-batch; use 1 and set "
             "config.loss.chunked=True to fit a large batch in memory."
         )
-    if config.model.image.patch_size != config.data.patch_size:
-        raise ValueError(
-            f"config.model.image.patch_size={config.model.image.patch_size} differs from "
-            f"config.data.patch_size={config.data.patch_size}; they must be equal."
-        )
+    pipeline.check_model_patch_size(
+        config.model.image.patch_size, config.data, "config.model.image.patch_size"
+    )
     max_text_len = config.data.task.get("max_text_len", 24)
     if max_text_len > config.model.text.max_len:
         raise ValueError(
@@ -179,16 +177,6 @@ def model_fn(config: ml_collections.ConfigDict):
     from navit_seq.models.two_tower import TwoTower
 
     return lambda: TwoTower(config.model, rngs=nnx.Rngs(config.seed))
-
-
-def train_iterator(config: ml_collections.ConfigDict) -> Iterator:
-    """This host's checkpointable iterator over packed image-caption batches."""
-    return iter(pipeline.split_dataset(config.data, config.data.train_split, train=True))
-
-
-def eval_iterator(config: ml_collections.ConfigDict) -> Iterable:
-    """One pass over this host's share of the eval split, at the eval token budget."""
-    return pipeline.split_dataset(config.data, config.data.eval_split, train=False)
 
 
 def zero_shot_classification(
@@ -242,6 +230,6 @@ def objective(config: ml_collections.ConfigDict) -> Objective:
         model_fn=model_fn(config),
         loss=make_loss(config),
         eval_metrics=make_eval_metrics(config),
-        train_iterator=lambda: train_iterator(config),
-        eval_iterator=lambda: eval_iterator(config),
+        train_iterator=lambda: pipeline.train_batches(config.data),
+        eval_iterator=lambda: pipeline.eval_batches(config.data),
     )

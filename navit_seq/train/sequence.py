@@ -10,7 +10,7 @@ Logged per task (by the task of each row's image): `loss/<task>` (0 in a window 
 task, never NaN) and `weight_share/<task>`, the task's share of the loss weight.
 """
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -78,11 +78,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.decoder.max_len={decoder.max_len} < data.task.seq_len="
             f"{config.data.task.seq_len}; the decoder's position table must cover every row."
         )
-    if config.model.patch_size != config.data.patch_size:
-        raise ValueError(
-            f"config.model.patch_size={config.model.patch_size} differs from "
-            f"config.data.patch_size={config.data.patch_size}; they must be equal."
-        )
+    pipeline.check_model_patch_size(config.model.patch_size, config.data, "config.model.patch_size")
 
 
 def model_fn(config: ml_collections.ConfigDict):
@@ -136,16 +132,6 @@ def make_eval_metrics(config: ml_collections.ConfigDict, ids: Mapping[str, int])
     return eval_metrics
 
 
-def train_iterator(config: ml_collections.ConfigDict) -> Iterator:
-    """This host's checkpointable iterator over packed batches with decoder rows."""
-    return iter(pipeline.split_dataset(config.data, config.data.train_split, train=True))
-
-
-def eval_iterator(config: ml_collections.ConfigDict) -> Iterable:
-    """One pass over this host's share of the eval split: every example once by each task."""
-    return pipeline.split_dataset(config.data, config.data.eval_split, train=False)
-
-
 def objective(config: ml_collections.ConfigDict) -> Objective:
     """The sequence objective of a recipe (`config.trainer = "sequence"`)."""
     resolve_config(config)
@@ -154,8 +140,8 @@ def objective(config: ml_collections.ConfigDict) -> Objective:
         model_fn=model_fn(config),
         loss=make_loss(config, ids),
         eval_metrics=make_eval_metrics(config, ids),
-        train_iterator=lambda: train_iterator(config),
-        eval_iterator=lambda: eval_iterator(config),
+        train_iterator=lambda: pipeline.train_batches(config.data),
+        eval_iterator=lambda: pipeline.eval_batches(config.data),
         evaluate_split=split_evaluation(config) if "evaluation" in config else None,
     )
 

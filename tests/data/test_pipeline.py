@@ -159,3 +159,10 @@ def test_scenes_epoch_packs_every_example_once_with_its_labels(scenes_data_dir):
                 seen.append(int(batch["example_id"][row, slot]))
         assert sorted(seen) == list(range(len(source)))
         assert (iterator.stats["tokens_dropped"] > 0) == train
+
+
+def test_model_patch_size_must_match_the_data_and_the_error_names_both_fields():
+    data = pipeline.default_data_config()
+    pipeline.check_model_patch_size(data.patch_size, data, "config.model.patch_size")
+    with pytest.raises(ValueError, match=r"config.model.image.patch_size=8 differs from "):
+        pipeline.check_model_patch_size(8, data, "config.model.image.patch_size")
