@@ -42,6 +42,85 @@ def masked_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)  # [B, Q, H, Dh]
 
 
+class AttentionProjections(nnx.Module):
+    """Multi-head attention projections: queries from a stream of `width`, keys and values from
+    a source of `source_width` (the stream itself, or other tokens: the decoder's self- and
+    cross-attention, the MAP head's probe over the image tokens)."""
+
+    def __init__(
+        self,
+        width: int,
+        source_width: int,
+        num_heads: int,
+        *,
+        qk_norm: bool,
+        use_bias: bool,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        if width % num_heads:
+            raise ValueError(
+                f"width {width} is not divisible by num_heads {num_heads}; "
+                "pick a width that is a multiple of the head count."
+            )
+        head_dim = width // num_heads
+        self.dtype = dtype
+        new = lambda init, names, shape: param(rngs, init, names, shape, param_dtype)
+        xavier = nnx.initializers.xavier_uniform
+        zeros = nnx.initializers.zeros
+        self.query_kernel = new(
+            xavier(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "head_dim"),
+            (width, num_heads, head_dim),
+        )  # fmt: skip
+        self.kv_kernel = new(
+            xavier(in_axis=0, out_axis=(2, 3), batch_axis=1),
+            ("embed", None, "heads", "head_dim"), (source_width, 2, num_heads, head_dim),
+        )  # fmt: skip
+        self.out_kernel = new(
+            xavier(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed"),
+            (num_heads, head_dim, width),
+        )  # fmt: skip
+        self.query_bias = (
+            new(zeros, ("heads", "head_dim"), (num_heads, head_dim)) if use_bias else None
+        )
+        self.kv_bias = (
+            new(zeros, (None, "heads", "head_dim"), (2, num_heads, head_dim)) if use_bias else None
+        )
+        self.out_bias = new(zeros, ("embed",), (width,)) if use_bias else None
+        norm = lambda: nnx.LayerNorm(
+            head_dim, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+            scale_init=partitioned(nnx.initializers.ones, ("head_dim",)),
+            bias_init=partitioned(nnx.initializers.zeros, ("head_dim",)),
+            rngs=rngs,
+        )  # fmt: skip
+        self.query_norm = norm() if qk_norm else None
+        self.key_norm = norm() if qk_norm else None
+
+    def _cast(self, p: nnx.Param | None) -> jax.Array | None:
+        return None if p is None else p[...].astype(self.dtype)
+
+    def queries(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> queries [..., H, Dh]."""
+        query = jnp.einsum("...d,dhk->...hk", x, self._cast(self.query_kernel))
+        if self.query_bias is not None:
+            query = query + self._cast(self.query_bias)
+        return query if self.query_norm is None else self.query_norm(query)
+
+    def keys_values(self, source: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """source [..., D_source] -> (keys, values), each [..., H, Dh]."""
+        kv = jnp.einsum("...d,dthk->...thk", source, self._cast(self.kv_kernel))
+        if self.kv_bias is not None:
+            kv = kv + self._cast(self.kv_bias)  # [..., 2, H, Dh]
+        key, value = kv[..., 0, :, :], kv[..., 1, :, :]
+        return (key if self.key_norm is None else self.key_norm(key)), value
+
+    def output(self, mixed: jax.Array) -> jax.Array:
+        """Attention output [..., H, Dh] -> [..., D]."""
+        out = jnp.einsum("...hk,hkd->...d", mixed, self._cast(self.out_kernel))
+        return out if self.out_bias is None else out + self._cast(self.out_bias)
+
+
 class SelfAttention(nnx.Module):
     """Pre-projected multi-head self-attention: fused QKV, optional query-key LayerNorm."""
 

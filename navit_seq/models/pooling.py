@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from navit_seq.models.attention import masked_attention
+from navit_seq.models.attention import AttentionProjections, masked_attention
 from navit_seq.models.partitioning import constrain, param, partitioned
 
 POOLINGS = ("map", "mean")
@@ -27,8 +27,9 @@ def masked_mean_pool(tokens: jax.Array, in_slot: jax.Array) -> jax.Array:
     return jnp.einsum("bel,bld->bed", in_slot.astype(tokens.dtype), tokens) / counts
 
 
-class MAPHead(nnx.Module):
-    """Multi-head attention pooling: one learned probe query per example slot."""
+class MAPHead(AttentionProjections):
+    """Multi-head attention pooling: one learned probe query per example slot attends to the
+    tokens of its image through the shared projections, then a residual MLP."""
 
     def __init__(
         self,
@@ -42,31 +43,14 @@ class MAPHead(nnx.Module):
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
-        head_dim = width // num_heads
-        self.impl, self.dtype = impl, dtype
-        new = lambda init, names, shape: param(rngs, init, names, shape, param_dtype)
-        xavier = nnx.initializers.xavier_uniform
-        self.probe = new(xavier(), (None, "embed"), (1, width))
-        self.query_kernel = new(
-            xavier(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "head_dim"),
-            (width, num_heads, head_dim),
+        super().__init__(
+            width, width, num_heads, qk_norm=False, use_bias=use_bias, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
         )  # fmt: skip
-        self.kv_kernel = new(
-            xavier(in_axis=0, out_axis=(2, 3), batch_axis=1),
-            ("embed", None, "heads", "head_dim"), (width, 2, num_heads, head_dim),
-        )  # fmt: skip
-        self.out_kernel = new(
-            xavier(in_axis=(0, 1), out_axis=2), ("heads", "head_dim", "embed"),
-            (num_heads, head_dim, width),
-        )  # fmt: skip
-        zeros = nnx.initializers.zeros
-        self.query_bias = (
-            new(zeros, ("heads", "head_dim"), (num_heads, head_dim)) if use_bias else None
+        self.impl = impl
+        self.probe = param(
+            rngs, nnx.initializers.xavier_uniform(), (None, "embed"), (1, width), param_dtype
         )
-        self.kv_bias = (
-            new(zeros, (None, "heads", "head_dim"), (2, num_heads, head_dim)) if use_bias else None
-        )
-        self.out_bias = new(zeros, ("embed",), (width,)) if use_bias else None
         self.norm = nnx.LayerNorm(
             width, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
             scale_init=partitioned(nnx.initializers.ones, ("embed",)),
@@ -77,18 +61,11 @@ class MAPHead(nnx.Module):
 
     def __call__(self, tokens: jax.Array, in_slot: jax.Array) -> jax.Array:
         """tokens [B, L, D], in_slot [B, E, L] -> pooled [B, E, D] (finite for empty slots)."""
-        cast = lambda p: None if p is None else p[...].astype(self.dtype)
-        query = jnp.einsum("qd,dhk->qhk", cast(self.probe), cast(self.query_kernel))  # [1, H, Dh]
-        if self.query_bias is not None:
-            query = query + cast(self.query_bias)
+        query = self.queries(self.probe[...].astype(self.dtype))  # [1, H, Dh]
         batch, max_examples = in_slot.shape[:2]
         query = jnp.broadcast_to(query, (batch, max_examples, *query.shape[1:]))  # [B, E, H, Dh]
-        kv = jnp.einsum("bld,dthk->blthk", tokens, cast(self.kv_kernel))  # [B, L, 2, H, Dh]
-        if self.kv_bias is not None:
-            kv = kv + cast(self.kv_bias)
-        mixed = masked_attention(query, kv[:, :, 0], kv[:, :, 1], in_slot[:, None], self.impl)
-        pooled = jnp.einsum("behk,hkd->bed", mixed, cast(self.out_kernel))  # [B, E, D]
-        if self.out_bias is not None:
-            pooled = pooled + cast(self.out_bias)
+        key, value = self.keys_values(tokens)  # [B, L, H, Dh] each
+        mixed = masked_attention(query, key, value, in_slot[:, None], self.impl)  # [B, E, H, Dh]
+        pooled = self.output(mixed)  # [B, E, D]
         pooled = constrain(pooled, ("act_batch", "act_examples", "act_emb"))
         return pooled + self.mlp(self.norm(pooled))
