@@ -23,6 +23,16 @@ def segment_attend_mask(segment_ids: jax.Array) -> jax.Array:
     return (same_image & key_is_token)[:, None]  # [B, 1, L, L]
 
 
+def head_dim_of(width: int, num_heads: int) -> int:
+    """Per-head size; a clear error when `width` does not split into `num_heads` heads."""
+    if width % num_heads:
+        raise ValueError(
+            f"width {width} is not divisible by num_heads {num_heads}; "
+            "pick a width that is a multiple of the head count."
+        )
+    return width // num_heads
+
+
 def masked_attention(
     query: jax.Array, key: jax.Array, value: jax.Array, attend: jax.Array, impl: str = "xla"
 ) -> jax.Array:
@@ -59,12 +69,7 @@ class AttentionProjections(nnx.Module):
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
-        if width % num_heads:
-            raise ValueError(
-                f"width {width} is not divisible by num_heads {num_heads}; "
-                "pick a width that is a multiple of the head count."
-            )
-        head_dim = width // num_heads
+        head_dim = head_dim_of(width, num_heads)
         self.dtype = dtype
         new = lambda init, names, shape: param(rngs, init, names, shape, param_dtype)
         xavier = nnx.initializers.xavier_uniform
@@ -136,16 +141,11 @@ class SelfAttention(nnx.Module):
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
-        if width % num_heads:
-            raise ValueError(
-                f"model width {width} is not divisible by num_heads {num_heads}; "
-                "pick a width that is a multiple of the head count."
-            )
         if impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"attention_impl={impl!r} is not supported; use one of {ATTENTION_IMPLS}."
             )
-        head_dim = width // num_heads
+        head_dim = head_dim_of(width, num_heads)
         self.impl = impl
         init = lambda initializer, names, shape: param(rngs, initializer, names, shape, param_dtype)
         self.dtype = dtype

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from navit_seq.models.attention import SelfAttention, masked_attention, segment_attend_mask
+from navit_seq.models.attention import (
+    AttentionProjections,
+    SelfAttention,
+    masked_attention,
+    segment_attend_mask,
+)
 
 SEGMENT_IDS = np.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]])
 
@@ -87,3 +92,12 @@ def test_unknown_attention_impl_raises_naming_the_option():
     with pytest.raises(ValueError, match="attention_impl='cudnn'"):
         qkv = jnp.zeros((1, 2, 1, 4))
         masked_attention(qkv, qkv, qkv, jnp.ones((1, 1, 2, 2), bool), "cudnn")
+
+
+@pytest.mark.parametrize("module", [SelfAttention, AttentionProjections])
+def test_width_that_does_not_split_into_heads_is_a_clear_error(module):
+    common = dict(qk_norm=False, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32)
+    args = (10, 3) if module is SelfAttention else (10, 10, 3)
+    extra = {"impl": "xla"} if module is SelfAttention else {}
+    with pytest.raises(ValueError, match="width 10 is not divisible by num_heads 3"):
+        module(*args, **common, **extra, rngs=nnx.Rngs(0))
