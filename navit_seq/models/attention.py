@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from navit_seq.models.partitioning import constrain, param, partitioned
+from navit_seq.models.partitioning import constrain, layer_norm, param
 
 # Attention implementations honouring an arbitrary boolean mask. Only XLA is wired: a fused
 # kernel may join once a test shows it honours segment ids (some ignore masks silently).
@@ -93,12 +93,9 @@ class AttentionProjections(nnx.Module):
             new(zeros, (None, "heads", "head_dim"), (2, num_heads, head_dim)) if use_bias else None
         )
         self.out_bias = new(zeros, ("embed",), (width,)) if use_bias else None
-        norm = lambda: nnx.LayerNorm(
-            head_dim, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-            scale_init=partitioned(nnx.initializers.ones, ("head_dim",)),
-            bias_init=partitioned(nnx.initializers.zeros, ("head_dim",)),
-            rngs=rngs,
-        )  # fmt: skip
+        norm = lambda: layer_norm(
+            head_dim, "head_dim", use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.query_norm = norm() if qk_norm else None
         self.key_norm = norm() if qk_norm else None
 
@@ -164,14 +161,8 @@ class SelfAttention(nnx.Module):
             init(zeros, (None, "heads", "head_dim"), (3, num_heads, head_dim)) if use_bias else None
         )
         self.out_bias = init(zeros, ("embed",), (width,)) if use_bias else None
-        norm = lambda: nnx.LayerNorm(
-            head_dim,
-            use_bias=use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            scale_init=partitioned(nnx.initializers.ones, ("head_dim",)),
-            bias_init=partitioned(nnx.initializers.zeros, ("head_dim",)),
-            rngs=rngs,
+        norm = lambda: layer_norm(
+            head_dim, "head_dim", use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.query_norm = norm() if qk_norm else None
         self.key_norm = norm() if qk_norm else None

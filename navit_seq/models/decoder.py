@@ -17,7 +17,7 @@ from flax import nnx
 
 from navit_seq.models.attention import ATTENTION_IMPLS, AttentionProjections, masked_attention
 from navit_seq.models.navit import MLP, dtype_of
-from navit_seq.models.partitioning import constrain, param, partitioned
+from navit_seq.models.partitioning import constrain, layer_norm, param, partitioned
 
 # "S" is the Pix2Seq v2 decoder (Chen et al. 2022: 6 layers, 512 wide, 8 heads, MLP 2048).
 PRESETS = {
@@ -88,12 +88,14 @@ class DecoderBlock(nnx.Module):
         dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
         width = sizes["width"]
         self.impl = config.attention_impl
-        norm = lambda: nnx.LayerNorm(
-            width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
-            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
-            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+        norm = lambda: layer_norm(
+            width,
+            "embed",
+            use_bias=config.use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
             rngs=rngs,
-        )  # fmt: skip
+        )
         attention = lambda source_width: AttentionProjections(
             width, source_width, sizes["num_heads"], qk_norm=config.qk_norm,
             use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -195,12 +197,14 @@ class Decoder(nnx.Module):
         self.blocks = nnx.List(
             [DecoderBlock(sizes, encoder_width, config, rngs=rngs) for _ in range(sizes["depth"])]
         )
-        self.final_norm = nnx.LayerNorm(
-            width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
-            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
-            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+        self.final_norm = layer_norm(
+            width,
+            "embed",
+            use_bias=config.use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
             rngs=rngs,
-        )  # fmt: skip
+        )
         self.output_head = (
             None
             if config.tie_embeddings

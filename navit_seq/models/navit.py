@@ -15,7 +15,7 @@ import ml_collections
 from flax import nnx
 
 from navit_seq.models.attention import SelfAttention, segment_attend_mask
-from navit_seq.models.partitioning import constrain, partitioned
+from navit_seq.models.partitioning import constrain, layer_norm, partitioned
 from navit_seq.models.pooling import POOLINGS, MAPHead, masked_mean_pool, slot_token_mask
 from navit_seq.models.posemb import PositionalEmbedding, default_posemb_config
 
@@ -117,12 +117,14 @@ class EncoderBlock(nnx.Module):
     ):
         dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
         width = sizes["width"]
-        norm = lambda: nnx.LayerNorm(
-            width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
-            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
-            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+        norm = lambda: layer_norm(
+            width,
+            "embed",
+            use_bias=config.use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
             rngs=rngs,
-        )  # fmt: skip
+        )
         self.attention_norm = norm()
         self.attention = SelfAttention(
             width, sizes["num_heads"], qk_norm=config.qk_norm, use_bias=config.use_bias,
@@ -153,12 +155,9 @@ def encoder_stack(
     dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
     width = sizes["width"]
     blocks = nnx.List([EncoderBlock(sizes, config, rngs=rngs) for _ in range(sizes["depth"])])
-    final_norm = nnx.LayerNorm(
-        width, use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype,
-        scale_init=partitioned(nnx.initializers.ones, ("embed",)),
-        bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
-        rngs=rngs,
-    )  # fmt: skip
+    final_norm = layer_norm(
+        width, "embed", use_bias=config.use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     map_head = None
     if config.pooling == "map":
         mlp = MLP(width, sizes["mlp_dim"], use_bias=config.use_bias, dropout=0.0,

@@ -50,3 +50,21 @@ def param(
     if len(names) != len(shape):
         raise ValueError(f"logical names {tuple(names)} do not match parameter shape {shape}.")
     return nnx.Param(partitioned(initializer, names)(rngs.params(), tuple(shape), dtype))
+
+
+def layer_norm(
+    size: int,
+    axis_name: str,
+    *,
+    use_bias: bool,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+) -> nnx.LayerNorm:
+    """LayerNorm over a last dimension of `size`; scale (and bias) carry logical `axis_name`."""
+    return nnx.LayerNorm(
+        size, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        scale_init=partitioned(nnx.initializers.ones, (axis_name,)),
+        bias_init=partitioned(nnx.initializers.zeros, (axis_name,)),
+        rngs=rngs,
+    )  # fmt: skip

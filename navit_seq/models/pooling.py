@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from navit_seq.models.attention import AttentionProjections, masked_attention
-from navit_seq.models.partitioning import constrain, param, partitioned
+from navit_seq.models.partitioning import constrain, layer_norm, param
 
 POOLINGS = ("map", "mean")
 
@@ -51,12 +51,9 @@ class MAPHead(AttentionProjections):
         self.probe = param(
             rngs, nnx.initializers.xavier_uniform(), (None, "embed"), (1, width), param_dtype
         )
-        self.norm = nnx.LayerNorm(
-            width, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-            scale_init=partitioned(nnx.initializers.ones, ("embed",)),
-            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
-            rngs=rngs,
-        )  # fmt: skip
+        self.norm = layer_norm(
+            width, "embed", use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.mlp = mlp  # the encoder's MLP block type, [B, E, D] -> [B, E, D]
 
     def __call__(self, tokens: jax.Array, in_slot: jax.Array) -> jax.Array:
