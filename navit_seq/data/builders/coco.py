@@ -46,7 +46,6 @@ import json
 import math
 import os
 import re
-import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -57,11 +56,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from navit_seq.data import text
+from navit_seq.data.builders import common
 from navit_seq.data.features import NUM_KEYPOINTS, example_features
 
 ANNOTATION_KINDS = ("instances", "person_keypoints", "captions")
 DATASET_VERSION = "1.0.0"
-REPORT_FILE = "build_report.json"
+REPORT_FILE = common.REPORT_FILE
 # SentencePiece pieces for captions: COCO's captions use ~10k distinct words; the vocabulary
 # shrinks by itself for smaller datasets.
 DEFAULT_VOCAB_SIZE = 8000
@@ -700,11 +700,7 @@ def coco_format_builder(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> CocoFormatBuilder:
     """Validates the folder's splits and returns a builder whose dataset is called `name`."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise CocoFormatError(
-            f"name={name!r} is not a valid TFDS dataset name; use lower_snake_case "
-            "(letters, digits, underscores, starting with a letter)."
-        )
+    common.check_dataset_name(name, CocoFormatError)
     available = discover_splits(coco_dir)
     badly_named = [split for split in splits or available if not re.fullmatch(r"\w+", split)]
     if badly_named:
@@ -736,20 +732,14 @@ def coco_format_builder(
             f"{coco_dir}: category names {duplicated} are used by more than one category id; "
             "class names must be unique (rename them in the 'categories' lists)."
         )
-    # One class per folder name: TFDS keeps builders' names on the class.
-    builder_class = types.new_class(
-        "CocoFormat_" + name,
-        (CocoFormatBuilder,),
-        {"skip_registration": True},
-        lambda namespace: namespace.update(name=name),
-    )
-    return builder_class(
+    return common.named_builder(
+        CocoFormatBuilder,
+        name,
         coco_dir=coco_dir,
         plans=plans,
         categories=list(categories.values()),
         vocab_size=vocab_size,
         data_dir=data_dir,
-        file_format="array_record",  # random access for tfds.data_source + grain
     )
 
 
@@ -770,15 +760,4 @@ def build(
     builder = coco_format_builder(
         coco_dir, data_dir, name=name, splits=splits, vocab_size=vocab_size
     )
-    already_built = builder.is_prepared()
-    if not already_built:
-        builder.download_and_prepare()
-    report_path = os.path.join(builder.data_dir, REPORT_FILE)
-    if not os.path.exists(report_path):
-        raise CocoFormatError(
-            f"{builder.data_dir} holds a dataset {name!r} without {REPORT_FILE}; it was not "
-            "built by this builder. Delete that folder or choose another --name."
-        )
-    with open(report_path) as f:
-        report = json.load(f)
-    return {**report, "dataset_dir": str(builder.data_dir), "already_built": already_built}
+    return common.prepare_and_report(builder, name, CocoFormatError)

@@ -30,7 +30,6 @@ import io
 import json
 import os
 import re
-import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,10 +38,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from navit_seq.data import text
+from navit_seq.data.builders import common
 from navit_seq.data.features import NUM_KEYPOINTS, example_features
 
 DATASET_VERSION = "1.0.0"
-REPORT_FILE = "build_report.json"
+REPORT_FILE = common.REPORT_FILE
 CAPTIONS_PATTERN = re.compile(r"^captions_(\w+)\.jsonl$")
 # Caption vocabularies of real image-text data need thousands of pieces; small folders shrink it.
 DEFAULT_VOCAB_SIZE = 8000
@@ -293,11 +293,7 @@ def image_text_builder(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> ImageTextBuilder:
     """Parses the folder's splits and returns a builder whose dataset is called `name`."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ImageTextFormatError(
-            f"name={name!r} is not a valid TFDS dataset name; use lower_snake_case "
-            "(letters, digits, underscores, starting with a letter)."
-        )
+    common.check_dataset_name(name, ImageTextFormatError)
     available = discover_splits(folder)
     splits = list(splits) if splits else available
     unknown = sorted(set(splits) - set(available))
@@ -306,19 +302,8 @@ def image_text_builder(
             f"splits {unknown} have no captions_<split>.jsonl in {folder}; available: {available}."
         )
     plans = {split: load_split(folder, split) for split in splits}
-    # One class per dataset name: TFDS keeps builders' names on the class.
-    builder_class = types.new_class(
-        "ImageText_" + name,
-        (ImageTextBuilder,),
-        {"skip_registration": True},
-        lambda namespace: namespace.update(name=name),
-    )
-    return builder_class(
-        folder=folder,
-        plans=plans,
-        vocab_size=vocab_size,
-        data_dir=data_dir,
-        file_format="array_record",  # random access for tfds.data_source + grain
+    return common.named_builder(
+        ImageTextBuilder, name, folder=folder, plans=plans, vocab_size=vocab_size, data_dir=data_dir
     )
 
 
@@ -334,15 +319,4 @@ def build(
     (per split: images, captions, counted skips and adjustments), also written as
     `build_report.json` next to the SentencePiece model. An existing build is reused."""
     builder = image_text_builder(folder, data_dir, name=name, splits=splits, vocab_size=vocab_size)
-    already_built = builder.is_prepared()
-    if not already_built:
-        builder.download_and_prepare()
-    report_path = os.path.join(builder.data_dir, REPORT_FILE)
-    if not os.path.exists(report_path):
-        raise ImageTextFormatError(
-            f"{builder.data_dir} holds a dataset {name!r} without {REPORT_FILE}; it was not "
-            "built by this builder. Delete that folder or choose another name."
-        )
-    with open(report_path) as f:
-        report = json.load(f)
-    return {**report, "dataset_dir": str(builder.data_dir), "already_built": already_built}
+    return common.prepare_and_report(builder, name, ImageTextFormatError)
