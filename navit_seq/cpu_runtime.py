@@ -84,11 +84,15 @@ def synchronous_cpu_dispatch() -> None:
         )
 
 
-def prepare_process_for_training() -> None:
-    """What a training entry point calls once, before JAX's first computation.
+def prepare_process_for_training() -> str:
+    """What a training entry point calls once, before JAX's first computation; returns a line
+    saying what it set (empty off CPU), for the entry point to print.
 
     Call it after `jax.distributed.initialize` (which must also precede the backend).
     """
     synchronous_cpu_dispatch()
-    if jax.default_backend() == "cpu":
-        keep_freed_memory()
+    if jax.default_backend() != "cpu":
+        return ""
+    kept = keep_freed_memory()
+    memory = "glibc keeps freed memory" if kept else "freed memory not kept (not glibc)"
+    return f"cpu_runtime: synchronous dispatch, {memory}, YNNPACK for matmuls only"

@@ -30,13 +30,15 @@ def main(argv: list[str]) -> None:
     config = config_utils.validated_config()
     workdir = config_utils.required_workdir()
     sharding.maybe_initialize_distributed(config)
-    cpu_runtime.prepare_process_for_training()
+    cpu_settings = cpu_runtime.prepare_process_for_training()
     workdir.mkdir(parents=True, exist_ok=True)
     config_utils.check_same_recipe(config, workdir / "config.json")
     if jax.process_index() == 0:
         config_utils.save_config(config, workdir / "config.json")
     print(f"navit_seq.main: {jax.device_count()} devices ({jax.process_count()} processes); "
           f"workdir {workdir.resolve()}", flush=True)  # fmt: skip
+    if cpu_settings:
+        print(cpu_settings, flush=True)
     final = loop.train_and_evaluate(config, workdir, objective_for(config))
     print(f"Done. Last train metrics: {final}", flush=True)
     print(f"Wrote {workdir / 'metrics.jsonl'}, TensorBoard events and {workdir / 'checkpoints'}.")

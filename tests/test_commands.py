@@ -98,6 +98,9 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 def test_run_killed_after_checkpoint_resumes_with_identical_losses_and_batches(runs):
     assert "Resumed from" in runs["resumed_output"]
+    # The entry point applied the CPU settings before JAX started (no "too late" warning).
+    assert "cpu_runtime: synchronous dispatch, glibc keeps freed memory" in runs["resumed_output"]
+    assert "before the first JAX computation" not in runs["resumed_output"]
     assert runs["killed_at"] < STEPS  # it really was killed mid-way
     reference, resumed = rows(runs["reference"]), rows(runs["killed"])
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))

@@ -78,10 +78,10 @@ def test_prepare_process_for_training_leaves_other_backends_alone(monkeypatch):
     monkeypatch.setattr(cpu_runtime, "keep_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(cpu_runtime, "synchronous_cpu_dispatch", lambda: None)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    cpu_runtime.prepare_process_for_training()
+    assert cpu_runtime.prepare_process_for_training() == ""
     assert calls == []
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    cpu_runtime.prepare_process_for_training()
+    assert "glibc keeps freed memory" in cpu_runtime.prepare_process_for_training()
     assert calls == [1]
 
 
