@@ -26,12 +26,12 @@ def tiny_config(**overrides):
     return config
 
 
-def random_images(seed: int = 0) -> list[list[np.ndarray]]:
-    """Patches [rows*cols, P*P*C] uint8 for every image of PACKING."""
+def random_images(seed: int = 0, packing=PACKING) -> list[list[np.ndarray]]:
+    """Patches [rows*cols, P*P*C] uint8 for every image of `packing` (rows of image grids)."""
     rng = np.random.default_rng(seed)
     return [
         [rng.integers(0, 256, (r * c, PATCH_DIM), dtype=np.uint8) for r, c in row]
-        for row in PACKING
+        for row in packing
     ]
 
 
@@ -80,12 +80,17 @@ def model() -> NaViT:
     return NaViT(tiny_config(), rngs=nnx.Rngs(0))
 
 
-@pytest.fixture(scope="module")
-def forward(model):
-    """Jitted deterministic forward shared by the tests (one compile per batch shape)."""
+def jitted_forward(model: nnx.Module):
+    """batch -> numpy outputs of `model`'s deterministic forward (one compile per shape)."""
     graphdef, state = nnx.split(model)
     apply = jax.jit(lambda s, batch: nnx.merge(graphdef, s)(batch, deterministic=True))
     return lambda batch: jax.tree.map(np.asarray, apply(state, batch))
+
+
+@pytest.fixture(scope="module")
+def forward(model):
+    """Jitted deterministic forward shared by the tests."""
+    return jitted_forward(model)
 
 
 @pytest.fixture(scope="module")

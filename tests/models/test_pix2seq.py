@@ -6,11 +6,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_navit import PATCH
+from test_navit import pack as pack_images
+from test_navit import random_images as navit_random_images
 
 from navit_seq.models.pix2seq import Pix2Seq, default_pix2seq_config
 
-PATCH, CHANNELS = 2, 3
-PATCH_DIM = PATCH * PATCH * CHANNELS
 SEQ_LEN, MAX_EXAMPLES, VOCAB, T = 24, 3, 40, 8
 # Image grids of each packed row; row 1 has one image and padding.
 PACKING = [[(2, 3), (3, 3), (2, 2)], [(3, 2)]]
@@ -30,37 +31,16 @@ def tiny_config():
 
 
 def random_images(seed: int = 0) -> list[list[np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [
-        [rng.integers(0, 256, (r * c, PATCH_DIM), dtype=np.uint8) for r, c in row]
-        for row in PACKING
-    ]
+    return navit_random_images(seed, PACKING)
 
 
 def pack(images, grids, row_slot, decoder_input, seq_len=SEQ_LEN, max_examples=MAX_EXAMPLES):
-    """The packed batch of docs/architecture.md §3 + decoder rows (§9), built by hand."""
-    batch = len(images)
-    out = {
-        "patches": np.zeros((batch, seq_len, PATCH_DIM), np.uint8),
-        "segment_ids": np.zeros((batch, seq_len), np.int32),
-        "patch_coords": np.zeros((batch, seq_len, 2), np.int32),
-        "image_grid": np.zeros((batch, max_examples, 2), np.int32),
-        "example_valid": np.zeros((batch, max_examples), bool),
+    """The encoder's packed batch (docs/architecture.md §3) + decoder rows (§9)."""
+    return {
+        **pack_images(images, grids, seq_len, max_examples),
         "row_slot": np.asarray(row_slot, np.int32),
         "decoder_input": np.asarray(decoder_input, np.int32),
     }
-    for b, (row_images, row_grids) in enumerate(zip(images, grids, strict=True)):
-        start = 0
-        for e, (patches, (rows, cols)) in enumerate(zip(row_images, row_grids, strict=True)):
-            n = rows * cols
-            coords = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), -1)
-            out["patches"][b, start : start + n] = patches
-            out["segment_ids"][b, start : start + n] = e + 1
-            out["patch_coords"][b, start : start + n] = coords.reshape(n, 2)
-            out["image_grid"][b, e] = (rows, cols)
-            out["example_valid"][b, e] = True
-            start += n
-    return out
 
 
 def decoder_input(seed: int = 0) -> np.ndarray:

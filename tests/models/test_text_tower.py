@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_navit import jitted_forward
 
 from navit_seq.models.attention import segment_attend_mask
 from navit_seq.models.text import TextTower, caption_positions, default_text_config
@@ -58,10 +59,8 @@ def model() -> TextTower:
 
 @pytest.fixture(scope="module")
 def forward(model):
-    """Jitted deterministic forward shared by the tests (one compile per batch shape)."""
-    graphdef, state = nnx.split(model)
-    apply = jax.jit(lambda s, batch: nnx.merge(graphdef, s)(batch, deterministic=True))
-    return lambda batch: jax.tree.map(np.asarray, apply(state, batch))
+    """Jitted deterministic forward shared by the tests."""
+    return jitted_forward(model)
 
 
 @pytest.fixture(scope="module")

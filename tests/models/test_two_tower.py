@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_navit import packed_batch, random_images, tiny_config
+from test_navit import jitted_forward, packed_batch, random_images, tiny_config
 from test_text_tower import MAX_EXAMPLES, pack_captions, random_captions, tiny_text_config
 
 from navit_seq.losses.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
@@ -40,9 +40,7 @@ def model() -> TwoTower:
 
 @pytest.fixture(scope="module")
 def forward(model):
-    graphdef, state = nnx.split(model)
-    apply = jax.jit(lambda s, batch: nnx.merge(graphdef, s)(batch, deterministic=True))
-    return lambda batch: jax.tree.map(np.asarray, apply(state, batch))
+    return jitted_forward(model)
 
 
 @pytest.fixture(scope="module")
