@@ -10,6 +10,7 @@ Eval reports the loss and image<->text retrieval recall@1/5/10 on the validation
 
 import ml_collections
 
+from navit_seq import config_utils
 from navit_seq.data.pipeline import default_data_config
 from navit_seq.models.two_tower import default_two_tower_config
 from navit_seq.sharding import default_distributed_config, default_mesh_config
@@ -18,19 +19,15 @@ from navit_seq.train.optimizer import default_optimizer_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = dict(item.split("=", 1) for item in arg.split(",")) if arg else {}
-    config = ml_collections.ConfigDict()
-    config.trainer = "contrastive"  # navit_seq.train.contrastive
-    config.seed = 0
-    # A FieldReference, so the LR schedule follows --config.num_train_steps overrides.
-    config.num_train_steps = ml_collections.FieldReference(int(options.get("steps", 600)))
-    config.log_every_steps = 25
-    config.eval_every_steps = 200
-    config.checkpoint_every_steps = 100
-    config.keep_checkpoints = 3
-    config.keep_checkpoint_every_steps = 0
-    config.profile_steps = 0
-    config.log_batch_fingerprint = False
+    options = config_utils.recipe_options(arg)
+    config = config_utils.loop_config(
+        "contrastive",  # navit_seq.train.contrastive
+        steps=int(options.get("steps", 600)),
+        log_every_steps=25,
+        eval_every_steps=200,
+        checkpoint_every_steps=100,
+        keep_checkpoints=3,
+    )
     config.loss = default_loss_config()
     config.loss.name = options.get("loss", "sigmoid")
 

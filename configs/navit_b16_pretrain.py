@@ -11,6 +11,7 @@ the paper does not state in the digest this project works from.
 
 import ml_collections
 
+from navit_seq import config_utils
 from navit_seq.data.pipeline import default_data_config
 from navit_seq.models.navit import default_model_config
 from navit_seq.sharding import default_distributed_config, default_mesh_config
@@ -19,19 +20,18 @@ from navit_seq.train.optimizer import default_optimizer_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    config = ml_collections.ConfigDict()
+    config = config_utils.loop_config(
+        "classification",
+        steps=500_000,  # (assumed)
+        log_every_steps=100,
+        eval_every_steps=5_000,
+        checkpoint_every_steps=2_000,
+        keep_checkpoints=3,
+        keep_checkpoint_every_steps=50_000,
+        profile_steps=5,
+    )
     config.runnable_here = False  # a TPU/GPU pod recipe: see the module docstring
-    config.trainer = "classification"
     config.loss = "sigmoid_xent"  # (paper) sigmoid cross-entropy, JFT multi-label
-    config.seed = 0
-    config.num_train_steps = ml_collections.FieldReference(500_000)  # (assumed)
-    config.log_every_steps = 100
-    config.eval_every_steps = 5_000
-    config.checkpoint_every_steps = 2_000
-    config.keep_checkpoints = 3
-    config.keep_checkpoint_every_steps = 50_000
-    config.profile_steps = 5
-    config.log_batch_fingerprint = False
 
     patch_size = 16
     config.data = default_data_config()

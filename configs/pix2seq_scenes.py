@@ -13,6 +13,7 @@ logged as `loss/<task>` in WORKDIR/metrics.jsonl. The paper-scale COCO recipe is
 
 import ml_collections
 
+from navit_seq import config_utils
 from navit_seq.data.pipeline import default_data_config
 from navit_seq.inference import default_evaluation_config
 from navit_seq.models.pix2seq import default_pix2seq_config
@@ -29,19 +30,15 @@ ROW_LENGTH = 64
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = dict(item.split("=", 1) for item in arg.split(",")) if arg else {}
-    config = ml_collections.ConfigDict()
-    config.trainer = "sequence"  # navit_seq.train.sequence
-    config.seed = 0
-    # A FieldReference, so the LR schedule follows --config.num_train_steps overrides.
-    config.num_train_steps = ml_collections.FieldReference(int(options.get("steps", 300)))
-    config.log_every_steps = 10
-    config.eval_every_steps = 500  # and at the last step: one evaluation in a short run
-    config.checkpoint_every_steps = 100
-    config.keep_checkpoints = 2
-    config.keep_checkpoint_every_steps = 0
-    config.profile_steps = 0
-    config.log_batch_fingerprint = False
+    options = config_utils.recipe_options(arg)
+    config = config_utils.loop_config(
+        "sequence",  # navit_seq.train.sequence
+        steps=int(options.get("steps", 300)),
+        log_every_steps=10,
+        eval_every_steps=500,  # and at the last step: one evaluation in a short run
+        checkpoint_every_steps=100,
+        keep_checkpoints=2,
+    )
     config.loss = default_loss_config()
     config.loss.label_smoothing = 0.0  # (Pix2Seq reference code) none
 

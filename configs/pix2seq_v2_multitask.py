@@ -11,6 +11,7 @@ Values marked (paper) come from the paper / its reference code; (assumed) are no
 
 import ml_collections
 
+from navit_seq import config_utils
 from navit_seq.data.pipeline import default_data_config
 from navit_seq.models.pix2seq import default_pix2seq_config
 from navit_seq.sharding import default_distributed_config, default_mesh_config
@@ -25,18 +26,17 @@ ROW_LENGTH = 512  # (assumed) decoder row T: detection of 100 objects needs 5 * 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    config = ml_collections.ConfigDict()
+    config = config_utils.loop_config(
+        "sequence",  # navit_seq.train.sequence
+        steps=300_000,  # (assumed)
+        log_every_steps=100,
+        eval_every_steps=10_000,
+        checkpoint_every_steps=2_000,
+        keep_checkpoints=3,
+        keep_checkpoint_every_steps=50_000,
+        profile_steps=5,
+    )
     config.runnable_here = False  # pod recipe; pass --config.runnable_here=True on the pod
-    config.trainer = "sequence"  # navit_seq.train.sequence
-    config.seed = 0
-    config.num_train_steps = ml_collections.FieldReference(300_000)  # (assumed)
-    config.log_every_steps = 100
-    config.eval_every_steps = 10_000
-    config.checkpoint_every_steps = 2_000
-    config.keep_checkpoints = 3
-    config.keep_checkpoint_every_steps = 50_000
-    config.profile_steps = 5
-    config.log_batch_fingerprint = False
     config.loss = default_loss_config()  # (paper reference code) no label smoothing
 
     config.data = default_data_config()

@@ -7,6 +7,7 @@ Arguments (`configs/quickstart.py:steps=50`): `steps` overrides num_train_steps.
 
 import ml_collections
 
+from navit_seq import config_utils
 from navit_seq.data.pipeline import default_data_config
 from navit_seq.models.navit import default_model_config
 from navit_seq.sharding import default_distributed_config, default_mesh_config
@@ -14,19 +15,15 @@ from navit_seq.train.optimizer import default_optimizer_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = dict(item.split("=", 1) for item in arg.split(",")) if arg else {}
-    config = ml_collections.ConfigDict()
-    config.trainer = "classification"  # navit_seq.train.classification
-    config.seed = 0
-    # A FieldReference, so the LR schedule follows --config.num_train_steps overrides.
-    config.num_train_steps = ml_collections.FieldReference(int(options.get("steps", 600)))
-    config.log_every_steps = 25
-    config.eval_every_steps = 200
-    config.checkpoint_every_steps = 100
-    config.keep_checkpoints = 3
-    config.keep_checkpoint_every_steps = 0  # 0: keep only the last `keep_checkpoints`
-    config.profile_steps = 0  # > 0: a profiler trace of that many steps after step 10
-    config.log_batch_fingerprint = False  # CRC32 of each logged batch (resume checks)
+    options = config_utils.recipe_options(arg)
+    config = config_utils.loop_config(
+        "classification",  # navit_seq.train.classification
+        steps=int(options.get("steps", 600)),
+        log_every_steps=25,
+        eval_every_steps=200,
+        checkpoint_every_steps=100,
+        keep_checkpoints=3,
+    )
     config.loss = "sigmoid_xent"  # NaViT's classification pretraining loss
 
     patch_size = 16

@@ -36,6 +36,53 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metri
 STEP = flags.DEFINE_integer("step", None, "evaluate/export: checkpoint step (default: latest).")
 
 
+def recipe_options(arg: str | None) -> dict[str, str]:
+    """A recipe's argument (`configs/x.py:steps=50,loss=softmax`) as {name: text}."""
+    options = {}
+    for item in arg.split(",") if arg else []:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise ValueError(
+                f"recipe argument {item!r} (in {arg!r}) is not name=value; write e.g. "
+                "configs/quickstart.py:steps=50,seed=1."
+            )
+        options[name] = value
+    return options
+
+
+def loop_config(
+    trainer: str,
+    *,
+    steps: int,
+    log_every_steps: int,
+    eval_every_steps: int,
+    checkpoint_every_steps: int,
+    keep_checkpoints: int,
+    keep_checkpoint_every_steps: int = 0,
+    profile_steps: int = 0,
+) -> ml_collections.ConfigDict:
+    """A recipe's ConfigDict with the fields the shared training loop reads.
+
+    `trainer`: navit_seq.train.<trainer> (or a module path); `num_train_steps` is a
+    FieldReference so a schedule built on it follows --config.num_train_steps overrides;
+    `keep_checkpoint_every_steps` 0 keeps only the last `keep_checkpoints`; `profile_steps` > 0
+    traces that many steps after step 10; `log_batch_fingerprint` logs a CRC32 of each logged
+    batch (resume checks).
+    """
+    config = ml_collections.ConfigDict()
+    config.trainer = trainer
+    config.seed = 0
+    config.num_train_steps = ml_collections.FieldReference(steps)
+    config.log_every_steps = log_every_steps
+    config.eval_every_steps = eval_every_steps
+    config.checkpoint_every_steps = checkpoint_every_steps
+    config.keep_checkpoints = keep_checkpoints
+    config.keep_checkpoint_every_steps = keep_checkpoint_every_steps
+    config.profile_steps = profile_steps
+    config.log_batch_fingerprint = False
+    return config
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """`path.py[:arg]` -> `get_config(arg)` (without flag overrides)."""
     path, _, arg = spec.partition(":")

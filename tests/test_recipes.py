@@ -1,4 +1,5 @@
-"""The Pix2Seq recipes load and their fields agree with each other (sizes, lengths, tasks)."""
+"""The recipes load and their fields agree with each other (sizes, lengths, tasks); recipe
+arguments parse or fail naming the bad item."""
 
 import pytest
 
@@ -52,3 +53,21 @@ def test_scenes_recipe_resolves_its_decoder_vocabulary_on_the_scene_dataset(scen
         task.vocab.size for task in sequence.sequence_tasks(config.data)
     )
     assert sequence.task_ids(config).keys() == ALL_TASKS
+
+
+def test_recipe_arguments_parse_and_a_malformed_one_is_an_error_naming_it():
+    assert config_utils.recipe_options(None) == {}
+    parsed = config_utils.recipe_options("steps=50,loss=softmax")
+    assert parsed == {"steps": "50", "loss": "softmax"}
+    with pytest.raises(ValueError, match="recipe argument 'steps' .* is not name=value"):
+        config_utils.recipe_options("steps")
+    with pytest.raises(ValueError, match="is not name=value"):
+        config_utils.load_config_file("configs/quickstart.py:steps50")
+
+
+def test_every_recipe_has_the_shared_loop_fields_and_steps_follow_the_argument():
+    for recipe in ("quickstart", "contrastive", "pix2seq_scenes"):
+        config = config_utils.load_config_file(f"configs/{recipe}.py:steps=7")
+        assert config.num_train_steps == 7
+        assert config.seed == 0 and config.log_batch_fingerprint is False
+        assert config.checkpoint_every_steps > 0 and config.keep_checkpoints > 0
