@@ -140,7 +140,7 @@ def _flat(tree, prefix=""):
     return out
 
 
-def element(stream_index: int, num_tokens: int) -> dict:
+def element(stream_index: int, num_tokens: int, task_id: int = 0) -> dict:
     """A hand-made per-image element of `num_tokens` tokens in a 1 x num_tokens grid."""
     return {
         "patches": np.full((num_tokens, 3), stream_index, np.uint8),
@@ -151,7 +151,7 @@ def element(stream_index: int, num_tokens: int) -> dict:
         "image_size": np.array([1, num_tokens], np.int32),
         "original_size": np.array([1, num_tokens], np.int32),
         "example_id": np.int64(stream_index),
-        "task_id": np.int32(0),
+        "task_id": np.int32(task_id),
         "targets": {},
         "stream_index": stream_index,
         "counts": {},

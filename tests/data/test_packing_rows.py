@@ -6,6 +6,7 @@ import grain
 import numpy as np
 import pytest
 from PIL import Image
+from test_packing import element
 
 from navit_seq.data import packing, patches, pipeline, sources
 from navit_seq.tasks import image_text, keypoints, sequence
@@ -26,21 +27,8 @@ def rows_group(stream_index: int, num_rows: int) -> dict:
 
 
 def image(stream_index: int, num_tokens: int, ragged: dict) -> dict:
-    return {
-        "patches": np.full((num_tokens, 3), stream_index, np.uint8),
-        "patch_coords": np.stack([np.zeros(num_tokens), np.arange(num_tokens)], -1).astype(
-            np.int32
-        ),
-        "image_grid": np.array([1, num_tokens], np.int32),
-        "image_size": np.array([1, num_tokens], np.int32),
-        "original_size": np.array([1, num_tokens], np.int32),
-        "example_id": np.int64(stream_index),
-        "task_id": np.int32(1),
-        "targets": {},
-        "ragged": ragged,
-        "stream_index": stream_index,
-        "counts": {},
-    }
+    """test_packing's hand-made element (task 1) carrying ragged groups (decoder rows, text)."""
+    return {**element(stream_index, num_tokens, task_id=1), "ragged": ragged}
 
 
 def packer(elements, ragged_specs, **overrides):
