@@ -44,18 +44,27 @@ def _head_flops(shape: ModelShape, num_slots: int, slot_token_pairs: int) -> int
 
 
 def packed_step_flops(
-    shape: ModelShape, num_rows: int, seq_len: int, max_examples_per_seq: int
+    shape: ModelShape,
+    num_rows: int,
+    seq_len: int,
+    max_examples_per_seq: int,
+    query_key_pairs: int | None = None,
 ) -> int:
     """FLOPs of one step as executed on a [num_rows, seq_len] batch.
 
-    Every token (padding included) goes through every matmul, each query scores all seq_len
-    keys (the mask only zeroes weights), and every pooling slot attends over its whole row.
+    Every token (padding included) goes through every matmul and every pooling slot attends
+    over its whole row. Attention scores `query_key_pairs` pairs: by default all seq_len keys
+    per query (XLA's masked attention: the mask only zeroes weights); the fused CPU kernel
+    scores each image's own tokens only (pass the sum of n^2 over images). Its backward pass
+    recomputes the scores; that recomputation is not counted, as usual for model FLOPs.
     """
     tokens = num_rows * seq_len
     slots = num_rows * max_examples_per_seq
+    if query_key_pairs is None:
+        query_key_pairs = num_rows * seq_len * seq_len
     forward = (
         tokens * _token_matmul_flops(shape)
-        + _attention_flops(shape, num_rows * seq_len * seq_len)
+        + _attention_flops(shape, query_key_pairs)
         + _head_flops(shape, slots, slots * seq_len)
     )
     return (1 + BACKWARD_FACTOR) * forward

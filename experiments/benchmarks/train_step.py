@@ -38,7 +38,7 @@ from flax import nnx
 from navit_seq import cpu_runtime
 from navit_seq.data import packing, patches
 from navit_seq.losses import classification as losses
-from navit_seq.models import classifier, navit, pooling
+from navit_seq.models import attention, classifier, navit, pooling
 
 Batch = dict[str, np.ndarray]
 Forward = Callable[[nnx.Module, Batch], jax.Array]  # (model, batch) -> logits [B, E, C]
@@ -213,9 +213,12 @@ def fixed_length_batch(packed: Batch) -> Batch:
 # ----------------------------------------------------------------------------- navit_seq step
 
 
-def build_classifier(workload: Workload, *, seed: int) -> classifier.Classifier:
+def build_classifier(
+    workload: Workload, *, seed: int, attention_impl: str
+) -> classifier.Classifier:
     """navit_seq's Classifier (paper defaults: qk-norm, no biases, MAP head) at these sizes."""
     config = navit.default_model_config()
+    config.attention_impl = attention_impl
     config.width = workload.width
     config.depth = workload.depth
     config.num_heads = workload.num_heads
@@ -234,16 +237,16 @@ def packed_logits(model: classifier.Classifier, batch: Batch) -> jax.Array:
 def unmasked_logits(model: classifier.Classifier, batch: Batch) -> jax.Array:
     """The same modules and parameters as a plain ViT: no attention mask at all.
 
-    Mirrors NaViT.__call__ with the mask replaced by a compile-time constant True, which XLA
-    folds away, so this step is what an unpacked fixed-length ViT costs.
+    Mirrors NaViT.__call__ with no segment ids (models/attention.segment_self_attention: a
+    compile-time constant True mask that XLA folds away, XLA attention), so this step is what an
+    unpacked fixed-length ViT costs.
     """
     encoder = model.encoder
     pixels = batch["patches"].astype(jnp.float32) / 127.5 - 1.0  # [B, L, P*P*C]
     x = encoder.patch_embed(pixels)  # [B, L, D]
     x = x + encoder.posemb(batch["patch_coords"], batch["segment_ids"], batch["image_grid"])
-    attend_everywhere = jnp.ones((1, 1, 1, 1), bool)  # broadcasts to [B, H, L, L]
     for block in encoder.blocks:
-        x = block(x, attend_everywhere, deterministic=True)
+        x = block(x, None, deterministic=True)
     tokens = encoder.final_norm(x)  # [B, L, D]
     in_slot = pooling.slot_token_mask(batch["segment_ids"], batch["example_valid"].shape[1])
     return model.head(encoder.map_head(tokens, in_slot))  # [B, E, C]
@@ -429,6 +432,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-warmup", type=int, default=1)
     parser.add_argument("--peer-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-peer", action="store_true", help="do not run vit-pytorch")
+    parser.add_argument(
+        "--attention-impl",
+        choices=attention.SEGMENT_ATTENTION_IMPLS,
+        default=None,
+        help="the packed step's model.attention_impl (default: fused_cpu on CPU, else xla); "
+        "the packed step with xla attention is timed as well",
+    )
     parser.add_argument("--peak-size", type=int, default=4096, help="matmul side for the peak")
     parser.add_argument("--peak-repeats", type=int, default=5)
     parser.add_argument(
@@ -470,12 +480,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The trainer's entry point does the same (navit_seq/main.py); process-wide, so the peer's
     # torch allocations get it too.
     kept_freed_memory = on_cpu and not args.glibc_defaults and cpu_runtime.keep_freed_memory()
+    impl = args.attention_impl or ("fused_cpu" if on_cpu else "xla")
     load_before = os.getloadavg()[0]
-    model = build_classifier(workload, seed=workload.seed)
-    run_packed, compiled = compile_jax_step(model, packed_logits, packed, compiler_options)
-    run_fixed, _ = compile_jax_step(model, unmasked_logits, fixed, compiler_options)
-    packed_step, fixed_step = time_interleaved(
-        [run_packed, run_fixed], warmup=args.warmup, steps=args.steps
+    model = build_classifier(workload, seed=workload.seed, attention_impl=impl)
+    xla_model = build_classifier(workload, seed=workload.seed, attention_impl="xla")
+    run_packed, _ = compile_jax_step(model, packed_logits, packed, compiler_options)
+    run_packed_xla, compiled_xla = compile_jax_step(
+        xla_model, packed_logits, packed, compiler_options
+    )
+    run_fixed, _ = compile_jax_step(xla_model, unmasked_logits, fixed, compiler_options)
+    packed_step, packed_xla_step, fixed_step = time_interleaved(
+        [run_packed, run_packed_xla, run_fixed], warmup=args.warmup, steps=args.steps
     )
     peer_step = None
     if not args.skip_peer:
@@ -492,7 +507,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shape = flop_count.ModelShape(
         workload.width, workload.depth, workload.mlp_dim, workload.num_classes, workload.patch_dim
     )
-    step_flops = flop_count.packed_step_flops(shape, rows, seq_len, workload.max_examples_per_seq)
+    # The fused kernel scores each image's own tokens only; XLA scores every key of the row.
+    scored_pairs = sum(n * n for n in workload.tokens_per_image) if impl == "fused_cpu" else None
+    step_flops = flop_count.packed_step_flops(
+        shape, rows, seq_len, workload.max_examples_per_seq, scored_pairs
+    )
+    xla_step_flops = flop_count.packed_step_flops(
+        shape, rows, seq_len, workload.max_examples_per_seq
+    )
     useful_flops = flop_count.useful_step_flops(shape, workload.tokens_per_image)
     packed_s = packed_step.wall_s
     peer_s = peer_step.wall_s if peer_step else None
@@ -503,7 +525,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "images": num_images,
         "real_tokens": real_tokens,
         "padding_fraction": 1 - real_tokens / (rows * seq_len),
+        "attention_impl": impl,
         "packed_step_s": packed_s,
+        "packed_xla_step_s": packed_xla_step.wall_s,
         "fixed_len_step_s": fixed_step.wall_s,
         "packing_cost": packed_s / fixed_step.wall_s,
         "images_per_s": num_images / packed_s,
@@ -513,14 +537,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peer_images_per_s": num_images / peer_s if peer_s else None,
         "speedup_vs_peer": peer_s / packed_s if peer_s else None,
         "packed_step_cpu_s": packed_step.cpu_s,
+        "packed_xla_step_cpu_s": packed_xla_step.cpu_s,
         "fixed_len_step_cpu_s": fixed_step.cpu_s,
         "peer_step_cpu_s": peer_step.cpu_s if peer_step else None,
         "step_flops": step_flops,
         "useful_step_flops": useful_flops,
-        "xla_step_flops": xla_flops(compiled),
+        "xla_step_flops": xla_flops(compiled_xla),  # a custom call's FLOPs are not counted
         "achieved_flops": step_flops / packed_s,
         "matmul_peak_flops": peak,
         "mfu": step_flops / packed_s / peak,
+        "xla_attention_mfu": xla_step_flops / packed_xla_step.wall_s / peak,
         "useful_mfu": useful_flops / packed_s / peak,
         "compiler_options": compiler_options,
         "keep_freed_memory": kept_freed_memory,

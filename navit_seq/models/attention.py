@@ -2,18 +2,26 @@
 
 Packed sequences hold several images; a token attends only to tokens of its own image:
 `attend[b, q, k] = (segment_ids[b, q] == segment_ids[b, k]) & (segment_ids[b, k] > 0)`.
-The mask is built once per forward pass and shared by every layer.
+
+Two implementations of that segment self-attention (`model.attention_impl`):
+- "xla" (default, any backend): the L x L scores masked by `segment_attend_mask`;
+- "fused_cpu": a C++ XLA:CPU kernel that computes each image's own block only
+  (navit_seq/kernels/segment_attention.py; tests/models/test_attention.py checks it against
+  "xla" and a float64 reference on contiguous, scattered and empty segments).
+Attention with other masks (causal, cross-attention, the MAP probe) is `masked_attention`, XLA.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from navit_seq.kernels.segment_attention import segment_attention
 from navit_seq.models.partitioning import constrain, layer_norm, param
 
-# Attention implementations honouring an arbitrary boolean mask. Only XLA is wired: a fused
-# kernel may join once a test shows it honours segment ids (some ignore masks silently).
+# Implementations of attention under an arbitrary boolean mask (decoder, MAP head).
 ATTENTION_IMPLS = ("xla",)
+# Implementations of self-attention within segments (the NaViT and text encoders).
+SEGMENT_ATTENTION_IMPLS = ("xla", "fused_cpu")
 
 
 def segment_attend_mask(segment_ids: jax.Array) -> jax.Array:
@@ -31,6 +39,19 @@ def head_dim_of(width: int, num_heads: int) -> int:
             "pick a width that is a multiple of the head count."
         )
     return width // num_heads
+
+
+def segment_self_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array | None, impl: str
+) -> jax.Array:
+    """Self-attention of query/key/value [B, L, H, Dh] within segments [B, L] (0 = padding)
+    -> [B, L, H, Dh]; padding queries give finite values that callers mask. `segment_ids=None`
+    lets every token attend to every token (a plain unpacked ViT, the benchmark's baseline)."""
+    if segment_ids is None:
+        return masked_attention(query, key, value, jnp.ones((1, 1, 1, 1), bool))
+    if impl == "fused_cpu":
+        return segment_attention(query, key, value, segment_ids)
+    return masked_attention(query, key, value, segment_attend_mask(segment_ids), impl)
 
 
 def masked_attention(
@@ -138,9 +159,9 @@ class SelfAttention(nnx.Module):
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
-        if impl not in ATTENTION_IMPLS:
+        if impl not in SEGMENT_ATTENTION_IMPLS:
             raise ValueError(
-                f"attention_impl={impl!r} is not supported; use one of {ATTENTION_IMPLS}."
+                f"attention_impl={impl!r} is not supported; use one of {SEGMENT_ATTENTION_IMPLS}."
             )
         head_dim = head_dim_of(width, num_heads)
         self.impl = impl
@@ -167,8 +188,8 @@ class SelfAttention(nnx.Module):
         self.query_norm = norm() if qk_norm else None
         self.key_norm = norm() if qk_norm else None
 
-    def __call__(self, x: jax.Array, attend: jax.Array) -> jax.Array:
-        """x [B, L, D], attend [B, 1, L, L] -> [B, L, D]."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """x [B, L, D], segment_ids [B, L] (0 = padding; None: no mask) -> [B, L, D]."""
         qkv = jnp.einsum("bld,dthk->blthk", x, self.qkv_kernel[...].astype(self.dtype))
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...].astype(self.dtype)  # [B, L, 3, H, Dh]
@@ -176,7 +197,7 @@ class SelfAttention(nnx.Module):
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
         if self.query_norm is not None:
             query, key = self.query_norm(query), self.key_norm(key)
-        mixed = masked_attention(query, key, value, attend, self.impl)  # [B, L, H, Dh]
+        mixed = segment_self_attention(query, key, value, segment_ids, self.impl)  # [B, L, H, Dh]
         out = jnp.einsum("blhk,hkd->bld", mixed, self.out_kernel[...].astype(self.dtype))
         if self.out_bias is not None:
             out = out + self.out_bias[...].astype(self.dtype)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from navit_seq.models.attention import SelfAttention, segment_attend_mask
+from navit_seq.models.attention import SelfAttention
 from navit_seq.models.partitioning import constrain, layer_norm, partitioned
 from navit_seq.models.pooling import POOLINGS, MAPHead, masked_mean_pool, slot_token_mask
 from navit_seq.models.posemb import PositionalEmbedding, default_posemb_config
@@ -53,7 +53,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             "qk_norm": True,  # NaViT: query-key normalization
             "use_bias": False,  # NaViT: no biases in dense layers and norms
             "pooling": "map",  # "map" (attention pooling), "mean", or "none" (pooled = 0)
-            "attention_impl": "xla",
+            "attention_impl": "xla",  # or "fused_cpu" (models/attention.py)
             "dropout": 0.0,
             "num_classes": 1000,  # used by the Classifier only
             "head_bias_init": 0.0,
@@ -137,9 +137,11 @@ class EncoderBlock(nnx.Module):
         )  # fmt: skip
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
-    def __call__(self, x: jax.Array, attend: jax.Array, *, deterministic: bool) -> jax.Array:
-        """x [B, L, D], attend [B, 1, L, L] -> [B, L, D]."""
-        mixed = self.attention(self.attention_norm(x), attend)
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array | None, *, deterministic: bool
+    ) -> jax.Array:
+        """x [B, L, D], segment_ids [B, L] (0 = padding; None: no mask) -> [B, L, D]."""
+        mixed = self.attention(self.attention_norm(x), segment_ids)
         x = x + self.dropout(mixed, deterministic=deterministic)
         x = constrain(x, ("act_batch", "act_len", "act_emb"))
         hidden = self.mlp(self.mlp_norm(x), deterministic=deterministic)
@@ -163,8 +165,8 @@ def encoder_stack(
         mlp = MLP(width, sizes["mlp_dim"], use_bias=config.use_bias, dropout=0.0,
                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
         map_head = MAPHead(
-            width, sizes["num_heads"], mlp, use_bias=config.use_bias,
-            impl=config.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            width, sizes["num_heads"], mlp, use_bias=config.use_bias, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
         )  # fmt: skip
     return blocks, final_norm, map_head
 
@@ -227,9 +229,8 @@ class NaViT(nnx.Module):
             self.dtype
         )
         x = constrain(x, ("act_batch", "act_len", "act_emb"))
-        attend = segment_attend_mask(segment_ids)  # [B, 1, L, L], shared by every layer
         for block in self.blocks:
-            x = block(x, attend, deterministic=deterministic)
+            x = block(x, segment_ids, deterministic=deterministic)
         tokens = jnp.where(token_valid, self.final_norm(x), 0)  # [B, L, D]
         return pool_examples(
             tokens, segment_ids, batch["example_valid"], self.map_head, self.pooling

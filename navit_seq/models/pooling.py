@@ -38,7 +38,6 @@ class MAPHead(AttentionProjections):
         mlp: nnx.Module,
         *,
         use_bias: bool,
-        impl: str,
         dtype: jnp.dtype,
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
@@ -47,7 +46,6 @@ class MAPHead(AttentionProjections):
             width, width, num_heads, qk_norm=False, use_bias=use_bias, dtype=dtype,
             param_dtype=param_dtype, rngs=rngs,
         )  # fmt: skip
-        self.impl = impl
         self.probe = param(
             rngs, nnx.initializers.xavier_uniform(), (None, "embed"), (1, width), param_dtype
         )
@@ -62,7 +60,7 @@ class MAPHead(AttentionProjections):
         batch, max_examples = in_slot.shape[:2]
         query = jnp.broadcast_to(query, (batch, max_examples, *query.shape[1:]))  # [B, E, H, Dh]
         key, value = self.keys_values(tokens)  # [B, L, H, Dh] each
-        mixed = masked_attention(query, key, value, in_slot[:, None], self.impl)  # [B, E, H, Dh]
+        mixed = masked_attention(query, key, value, in_slot[:, None])  # [B, E, H, Dh]
         pooled = self.output(mixed)  # [B, E, D]
         pooled = constrain(pooled, ("act_batch", "act_examples", "act_emb"))
         return pooled + self.mlp(self.norm(pooled))

@@ -98,8 +98,7 @@ class TextTower(nnx.Module):
                 f"{segment_ids.shape} must have the same [B, L_text] shape."
             )
         token_valid = segment_ids > 0  # [B, L]
-        attend = segment_attend_mask(segment_ids)  # [B, 1, L, L], shared by every layer
-        positions = caption_positions(attend)  # [B, L]
+        positions = caption_positions(segment_attend_mask(segment_ids))  # [B, L]
         ids = jnp.where(token_valid, text_tokens, 0)  # [B, L]; padding reads id 0
         vocab_size, max_len = self.vocab_size, self.max_len
         check_index_below(
@@ -118,7 +117,7 @@ class TextTower(nnx.Module):
         x = x + jnp.take(self.position_table[...], positions, axis=0).astype(self.dtype)
         x = constrain(x, ("act_batch", "act_len", "act_emb"))
         for block in self.blocks:
-            x = block(x, attend, deterministic=deterministic)
+            x = block(x, segment_ids, deterministic=deterministic)
         tokens = jnp.where(token_valid[..., None], self.final_norm(x), 0)  # [B, L, D]
         return pool_examples(
             tokens, segment_ids, batch["example_valid"], self.map_head, self.pooling

@@ -34,6 +34,7 @@ TINY_WORKLOAD = {
 JSON_KEYS = (
     "tokens_per_s", "images_per_s", "peer_tokens_per_s", "packed_step_s", "fixed_len_step_s",
     "mfu", "matmul_peak_flops", "step_flops", "useful_step_flops", "xla_step_flops",
+    "attention_impl", "packed_xla_step_s", "xla_attention_mfu",
 )  # fmt: skip
 
 
@@ -107,13 +108,16 @@ def test_fixed_length_batch_has_one_full_segment_per_row(workload_path):
     assert fixed["patch_coords"].max(axis=(0, 1)).tolist() == [rows - 1, cols - 1]
 
 
-def test_unmasked_forward_equals_the_model_on_one_full_segment_per_row(workload_path):
+@pytest.mark.parametrize("attention_impl", ["xla", "fused_cpu"])
+def test_unmasked_forward_equals_the_model_on_one_full_segment_per_row(
+    workload_path, attention_impl
+):
     # With one segment filling each row the segment mask is all True, so the mask-free
-    # baseline must compute exactly what the model computes.
+    # baseline must compute exactly what the model computes, with either attention.
     workload = train_step.load_workload(workload_path)
     images, labels = train_step.random_images(workload), train_step.random_labels(workload)
     fixed = train_step.fixed_length_batch(train_step.pack_workload(images, labels, workload))
-    model = train_step.build_classifier(workload, seed=0)
+    model = train_step.build_classifier(workload, seed=0, attention_impl=attention_impl)
     _randomize_head(model)
     expected = np.asarray(train_step.packed_logits(model, fixed))[:, 0]
     actual = np.asarray(train_step.unmasked_logits(model, fixed))[:, 0]
@@ -136,6 +140,15 @@ def test_flop_count_matches_a_hand_count_for_one_block():
     assert flops.packed_step_flops(shape, num_rows=2, seq_len=4, max_examples_per_seq=2) == (
         3 * forward
     )
+
+
+def test_segment_blocked_attention_counts_only_the_given_query_key_pairs():
+    shape = flops.ModelShape(width=2, depth=1, mlp_dim=4, num_classes=3, patch_dim=5)
+    full = flops.packed_step_flops(shape, num_rows=2, seq_len=4, max_examples_per_seq=2)
+    # Images of 3 and 1 tokens in row 0, 4 in row 1: 9 + 1 + 16 = 26 pairs instead of 32;
+    # each pair costs 2 * 2 * width 2 = 8 forward FLOPs.
+    blocked = flops.packed_step_flops(shape, 2, 4, 2, query_key_pairs=26)
+    assert full - blocked == 3 * (32 - 26) * 8
 
 
 def test_useful_flops_count_each_image_alone():

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from navit_seq.models.attention import (
+    SEGMENT_ATTENTION_IMPLS,
     AttentionProjections,
     SelfAttention,
     masked_attention,
@@ -63,15 +64,16 @@ def test_fully_masked_queries_give_finite_outputs_and_gradients():
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
-def test_self_attention_with_qk_norm_matches_numpy():
+@pytest.mark.parametrize("impl", SEGMENT_ATTENTION_IMPLS)
+def test_self_attention_with_qk_norm_matches_numpy(impl):
     width, heads = 16, 2
     module = SelfAttention(
-        width, heads, qk_norm=True, use_bias=True, impl="xla",
+        width, heads, qk_norm=True, use_bias=True, impl=impl,
         dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
     )  # fmt: skip
     x = np.random.default_rng(2).normal(size=(3, 7, width)).astype(np.float32)
     attend = segment_attend_mask(jnp.asarray(SEGMENT_IDS))
-    got = np.asarray(module(jnp.asarray(x), attend))
+    got = np.asarray(module(jnp.asarray(x), jnp.asarray(SEGMENT_IDS)))
 
     f64 = lambda p: np.asarray(p[...], np.float64)
     qkv = np.einsum("bld,dthk->blthk", x, f64(module.qkv_kernel)) + f64(module.qkv_bias)

@@ -1,5 +1,6 @@
 """NaViT encoder: packed-vs-alone invariance, isolation, NaN-freedom, eval determinism,
-parameter counts of the presets, logical axis names, sharded forward."""
+parameter counts of the presets, logical axis names, sharded forward; the model-level tests
+run with both segment-attention implementations ("xla", "fused_cpu")."""
 
 import jax
 import jax.numpy as jnp
@@ -75,9 +76,15 @@ def image_slices(row: int):
     return [slice(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-@pytest.fixture(scope="module")
-def model() -> NaViT:
-    return NaViT(tiny_config(), rngs=nnx.Rngs(0))
+@pytest.fixture(scope="module", params=["xla", "fused_cpu"])
+def model(request) -> NaViT:
+    """The tiny encoder with each segment-attention implementation: every invariance, padding,
+    gradient and sharding test below runs on both."""
+    return NaViT(tiny_config(attention_impl=request.param), rngs=nnx.Rngs(0))
+
+
+def impl_of(model: NaViT) -> str:
+    return model.blocks[0].attention.impl
 
 
 def jitted_forward(model: nnx.Module):
@@ -154,10 +161,11 @@ def test_gradients_are_finite_with_padding_rows_and_empty_slots(model):
     assert any(np.abs(np.asarray(g)).sum() > 0 for g in leaves)
 
 
-def test_evaluation_is_deterministic_and_ignores_dropout_rate(packed_outputs):
+def test_evaluation_is_deterministic_and_ignores_dropout_rate(model, packed_outputs):
     images, reference = packed_outputs
     batch = packed_batch(images)
-    with_dropout = NaViT(tiny_config(dropout=0.5), rngs=nnx.Rngs(0))  # same params (seed 0)
+    config = tiny_config(dropout=0.5, attention_impl=impl_of(model))
+    with_dropout = NaViT(config, rngs=nnx.Rngs(0))  # same params (seed 0)
     first = run(with_dropout, batch, deterministic=True)
     second = run(with_dropout, batch, deterministic=True)
     np.testing.assert_array_equal(first["tokens"], second["tokens"])
@@ -246,9 +254,9 @@ def test_wrong_patch_size_raises_naming_the_fix(model):
         model(batch, deterministic=True)
 
 
-def test_bfloat16_activations_run_and_stay_finite(packed_outputs):
+def test_bfloat16_activations_run_and_stay_finite(model, packed_outputs):
     images, reference = packed_outputs
-    model = NaViT(tiny_config(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    model = NaViT(tiny_config(dtype="bfloat16", attention_impl=impl_of(model)), rngs=nnx.Rngs(0))
     outputs = run(model, packed_batch(images), deterministic=True)
     assert outputs["tokens"].dtype == jnp.bfloat16
     np.testing.assert_allclose(

@@ -18,7 +18,7 @@ def map_head() -> MAPHead:
     rngs = nnx.Rngs(0)
     common = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
     mlp = MLP(WIDTH, MLP_DIM, use_bias=True, dropout=0.0, **common)
-    return MAPHead(WIDTH, HEADS, mlp, use_bias=True, impl="xla", **common)
+    return MAPHead(WIDTH, HEADS, mlp, use_bias=True, **common)
 
 
 def numpy_map(head: MAPHead, tokens: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:

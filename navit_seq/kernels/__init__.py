@@ -1,0 +1,1 @@
+"""C++ kernels for XLA:CPU (XLA FFI), compiled on first use (build.py)."""
