@@ -190,11 +190,18 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """x [B, L, D], segment_ids [B, L] (0 = padding; None: no mask) -> [B, L, D]."""
-        qkv = jnp.einsum("bld,dthk->blthk", x, self.qkv_kernel[...].astype(self.dtype))
-        if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias[...].astype(self.dtype)  # [B, L, 3, H, Dh]
-        qkv = constrain(qkv, ("act_batch", "act_len", None, "act_heads", None))
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
+        # Three projections with slices of the fused kernel rather than one [B, L, 3, H, Dh]
+        # einsum: slicing q, k, v out of that copied 3 x [B, L, H, Dh] forward, and backward
+        # XLA:CPU padded the three gradients back together and transposed the result for the
+        # weight gradient (about 170 ms of the 5 s benchmark step, experiments/benchmarks).
+        kernel = self.qkv_kernel[...].astype(self.dtype)  # [D, 3, H, Dh]
+        bias = None if self.qkv_bias is None else self.qkv_bias[...].astype(self.dtype)
+        projections = []
+        for i in range(3):
+            projected = jnp.einsum("bld,dhk->blhk", x, kernel[:, i])  # [B, L, H, Dh]
+            projected = projected if bias is None else projected + bias[i]
+            projections.append(constrain(projected, ("act_batch", "act_len", "act_heads", None)))
+        query, key, value = projections
         if self.query_norm is not None:
             query, key = self.query_norm(query), self.key_norm(key)
         mixed = segment_self_attention(query, key, value, segment_ids, self.impl)  # [B, L, H, Dh]
