@@ -1,11 +1,12 @@
 """The fused CPU segment-attention kernel (navit_seq/kernels) against XLA's masked attention and
-a float64 numpy reference: outputs, gradients, every segment layout, padding, dtypes, vmap,
+a float64 numpy reference: outputs, gradients, every segment layout, padding, dtypes, sharding,
 and the build's errors and cache."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from test_attention import numpy_masked_attention
 
 from navit_seq.kernels import build
@@ -110,13 +111,35 @@ def test_benchmark_sized_rows_match_xla():
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=2e-5)
 
 
-def test_vmap_over_a_leading_axis_matches_the_flattened_batch():
+def test_leading_dims_are_rows():
     query, key, value = qkv((2, 3, 40, 2, 8), seed=7)
     segment_ids = np.stack([SEGMENT_IDS[:3], SEGMENT_IDS[3:]])  # [2, 3, 40]
-    got = jax.vmap(segment_attention)(query, key, value, segment_ids)
+    got = segment_attention(query, key, value, segment_ids)
     flat = lambda x: x.reshape(6, *x.shape[2:])
     expected = segment_attention(flat(query), flat(key), flat(value), flat(segment_ids))
     np.testing.assert_array_equal(np.asarray(got).reshape(expected.shape), np.asarray(expected))
+
+
+def test_sharded_rows_and_heads_run_per_shard_and_match_unsharded():
+    """Under a (data 4, tensor 2) mesh with rows over data and heads over tensor, each device
+    runs the kernel on its shard (no all-gather in the compiled program), with the unsharded
+    outputs and gradients."""
+    segment_ids = np.concatenate([SEGMENT_IDS, SEGMENT_IDS[::-1]])[:8]  # 8 rows
+    query, key, value = qkv((8, 40, 4, 16), seed=9)
+    loss = lambda q, k, v: (segment_attention(q, k, v, segment_ids) ** 2).sum()
+    value_and_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    expected_loss, expected = value_and_grads(query, key, value)
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        tokens = NamedSharding(mesh, PartitionSpec("data", None, "tensor", None))
+        sharded = [jax.device_put(x, tokens) for x in (query, key, value)]
+        got_loss, got = value_and_grads(*sharded)
+        compiled = value_and_grads.lower(*sharded).compile().as_text()
+    assert "all-gather" not in compiled
+    assert got[0].sharding.spec == tokens.spec
+    np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-5)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_inputs_are_computed_in_float32_and_returned_as_bfloat16():
