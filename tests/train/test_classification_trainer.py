@@ -122,3 +122,14 @@ def test_quickstart_on_scenes_gives_equal_losses_on_one_device_and_a_2x2x2_mesh(
     train_losses, eval_losses = train_scenes(scenes_recipe, tmp_path, (2, 2, 2), -1)
     np.testing.assert_allclose(train_losses, single_device_scenes_run[0], rtol=1e-5)
     np.testing.assert_allclose(eval_losses, single_device_scenes_run[1], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_fused_cpu_attention_on_a_2x2x2_mesh_trains_like_xla_on_one_device(
+    scenes_recipe, single_device_scenes_run, tmp_path
+):
+    recipe = ml_collections.ConfigDict(scenes_recipe.to_dict())
+    recipe.model.attention_impl = "fused_cpu"
+    train_losses, eval_losses = train_scenes(recipe, tmp_path, (2, 2, 2), -1)
+    np.testing.assert_allclose(train_losses, single_device_scenes_run[0], rtol=1e-4)
+    np.testing.assert_allclose(eval_losses, single_device_scenes_run[1], rtol=1e-4)
