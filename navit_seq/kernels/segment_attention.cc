@@ -164,10 +164,15 @@ void Gather(const float* x, const Shape& s, int64_t b, int h, const int* idx, in
             int np, float scale, bool transpose, float* dst) {
   const int dim = s.head_dim;
   if (transpose) {
-    std::memset(dst, 0, sizeof(float) * dp * np);
-    for (int i = 0; i < n; ++i) {
-      const float* row = x + s.TokenOffset(b, idx[i], h);
-      for (int d = 0; d < dim; ++d) dst[d * np + i] = row[d] * scale;
+    // 16 tokens at a time, so each write fills one cache line of dst's row d.
+    const float* rows[kLanes];
+    for (int start = 0; start < np; start += kLanes) {
+      const int count = std::max(0, std::min(kLanes, n - start));
+      for (int t = 0; t < count; ++t) rows[t] = x + s.TokenOffset(b, idx[start + t], h);
+      for (int d = 0; d < dp; ++d) {
+        float* out = dst + d * np + start;
+        for (int t = 0; t < kLanes; ++t) out[t] = (t < count && d < dim) ? rows[t][d] * scale : 0.f;
+      }
     }
     return;
   }
