@@ -6,7 +6,7 @@
 // most of them, each (row, head) task groups the row's tokens by segment id and runs dense
 // attention on each group alone: an image of n tokens costs n^2 instead of n * L, and the
 // n x n score block stays in the core's L2 cache. Grouping gathers token indices, so a segment
-// need not be contiguous. Padding tokens (segment 0) get zero outputs and zero gradients.
+// need not be contiguous. Padding tokens (segment ids <= 0) get zero outputs and zero gradients.
 //
 // Layout: q, k, v, o, do, dq, dk, dv are [N, L, H, D] float32 (N = all leading dims); segment
 // ids [N, L] int32; lse [N, L, H] float32, the log-sum-exp of each query's scores (0 for
@@ -120,7 +120,8 @@ void Gemm(int m, int n, int depth, const float* a, int lda, const float* b, int 
 }
 
 // One row's tokens grouped by segment id: members[starts[g] : starts[g + 1]] are the token
-// indices of group g in increasing order; padding (segment 0) is left out.
+// indices of group g in increasing order; padding (segment ids <= 0, which attend to nothing
+// and are attended by nothing, as in segment_attend_mask) is left out.
 struct Groups {
   std::vector<int> members, starts;
 };
@@ -130,7 +131,7 @@ Groups GroupBySegment(const int32_t* segment_ids, int length) {
   std::vector<std::pair<int32_t, int>> keyed;
   keyed.reserve(length);
   for (int t = 0; t < length; ++t)
-    if (segment_ids[t] != 0) keyed.emplace_back(segment_ids[t], t);
+    if (segment_ids[t] > 0) keyed.emplace_back(segment_ids[t], t);
   std::sort(keyed.begin(), keyed.end());  // by segment, then token index
   for (size_t i = 0; i < keyed.size(); ++i) {
     if (i == 0 || keyed[i].first != keyed[i - 1].first) groups.starts.push_back(i);
@@ -195,7 +196,7 @@ void Scatter(const float* src, int dp, const Shape& s, int64_t b, int h, const i
 
 void ZeroPadding(const int32_t* seg, const Shape& s, int64_t b, int h, float* x) {
   for (int t = 0; t < s.length; ++t)
-    if (seg[t] == 0) std::memset(x + s.TokenOffset(b, t, h), 0, s.head_dim * sizeof(float));
+    if (seg[t] <= 0) std::memset(x + s.TokenOffset(b, t, h), 0, s.head_dim * sizeof(float));
 }
 
 // scores [np, np] -> probabilities for rows < n (columns >= n set to 0). With lse == nullptr
@@ -259,7 +260,7 @@ void ForwardTask(const float* q, const float* k, const float* v, const int32_t* 
     for (int i = 0; i < n; ++i) lse[(b * s.length + idx[i]) * s.heads + h] = group_lse[i];
   }
   for (int t = 0; t < s.length; ++t)
-    if (seg[b * s.length + t] == 0) lse[(b * s.length + t) * s.heads + h] = 0.f;
+    if (seg[b * s.length + t] <= 0) lse[(b * s.length + t) * s.heads + h] = 0.f;
 }
 
 void BackwardTask(const float* q, const float* k, const float* v, const int32_t* seg,

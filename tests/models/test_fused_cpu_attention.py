@@ -15,7 +15,7 @@ from navit_seq.models.attention import masked_attention, segment_attend_mask
 
 # Segment layouts, one per row: contiguous images with padding, one image over the whole row,
 # all padding, scattered ids (the kernel groups by id, it never assumes contiguity), ids out of
-# order, single-token images.
+# order, single-token images, negative ids (padding, as for segment_attend_mask).
 LAYOUTS = {
     "packed": [1] * 9 + [2] * 17 + [3] * 5 + [0] * 9,
     "one_image": [1] * 40,
@@ -23,8 +23,9 @@ LAYOUTS = {
     "scattered": ([1, 2, 0, 3, 2] * 8),
     "out_of_order": [3] * 12 + [1] * 20 + [2] * 8,
     "single_tokens": list(range(1, 41)),
+    "negative_ids_are_padding": [1] * 15 + [-1] * 10 + [2] * 15,
 }
-SEGMENT_IDS = np.array(list(LAYOUTS.values()), np.int32)  # [6, 40]
+SEGMENT_IDS = np.array(list(LAYOUTS.values()), np.int32)  # [7, 40]
 
 
 def qkv(shape, seed=0):
@@ -61,7 +62,7 @@ def test_gradients_match_xla_masked_attention():
     expected = jax.jit(jax.grad(loss(xla_attention), argnums=(0, 1, 2)))(query, key, value)
     for name, g, e in zip("qkv", got, expected, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5, err_msg=name)
-    padding = SEGMENT_IDS == 0
+    padding = SEGMENT_IDS <= 0
     assert all(not np.asarray(g)[padding].any() for g in got)  # no gradient reaches padding
 
 
@@ -113,7 +114,7 @@ def test_benchmark_sized_rows_match_xla():
 
 def test_leading_dims_are_rows():
     query, key, value = qkv((2, 3, 40, 2, 8), seed=7)
-    segment_ids = np.stack([SEGMENT_IDS[:3], SEGMENT_IDS[3:]])  # [2, 3, 40]
+    segment_ids = np.stack([SEGMENT_IDS[:3], SEGMENT_IDS[3:6]])  # [2, 3, 40]
     got = segment_attention(query, key, value, segment_ids)
     flat = lambda x: x.reshape(6, *x.shape[2:])
     expected = segment_attention(flat(query), flat(key), flat(value), flat(segment_ids))
