@@ -6,8 +6,8 @@ Packed sequences hold several images; a token attends only to tokens of its own 
 Two implementations of that segment self-attention (`model.attention_impl`):
 - "xla" (default, any backend): the L x L scores masked by `segment_attend_mask`;
 - "fused_cpu": a C++ XLA:CPU kernel that computes each image's own block only
-  (navit_seq/kernels/segment_attention.py; tests/models/test_attention.py checks it against
-  "xla" and a float64 reference on contiguous, scattered and empty segments).
+  (navit_seq/kernels/segment_attention.py; tests/models/test_fused_cpu_attention.py checks it
+  against "xla" and a float64 reference on contiguous, scattered and empty segments).
 Attention with other masks (causal, cross-attention, the MAP probe) is `masked_attention`, XLA.
 """
 
@@ -193,7 +193,7 @@ class SelfAttention(nnx.Module):
         # Three projections with slices of the fused kernel rather than one [B, L, 3, H, Dh]
         # einsum: slicing q, k, v out of that copied 3 x [B, L, H, Dh] forward, and backward
         # XLA:CPU padded the three gradients back together and transposed the result for the
-        # weight gradient (about 170 ms of the 5 s benchmark step, experiments/benchmarks).
+        # weight gradient (benchmark step 5.09 -> 4.87 s, experiments/benchmarks/README.md).
         kernel = self.qkv_kernel[...].astype(self.dtype)  # [D, 3, H, Dh]
         bias = None if self.qkv_bias is None else self.qkv_bias[...].astype(self.dtype)
         projections = []
