@@ -80,9 +80,15 @@ def load_kernel(source_name: str) -> ctypes.CDLL:
     ).hexdigest()[:16]  # fmt: skip
     library = cache_dir() / f"{source.stem}-{key}.so"
     if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
-            partial = Path(tmp.name)
+        try:
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as f:
+                partial = Path(f.name)
+        except OSError as error:
+            raise KernelBuildError(
+                f"cannot write the kernel cache {library.parent} ({error}); point "
+                "$NAVIT_SEQ_KERNEL_CACHE at a writable folder or set model.attention_impl='xla'."
+            ) from error
         command = [
             compiler, *COMPILER_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o",
             str(partial),

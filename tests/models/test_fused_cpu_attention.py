@@ -170,6 +170,14 @@ def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
         build.load_kernel.__wrapped__("segment_attention.cc")
 
 
+def test_unwritable_cache_is_a_clear_error(monkeypatch, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("NAVIT_SEQ_KERNEL_CACHE", str(blocker / "kernels"))  # under a file
+    with pytest.raises(build.KernelBuildError, match="NAVIT_SEQ_KERNEL_CACHE"):
+        build.load_kernel.__wrapped__("segment_attention.cc")
+
+
 def test_library_is_built_once_per_cache_and_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("NAVIT_SEQ_KERNEL_CACHE", str(tmp_path))
     build.load_kernel.__wrapped__("segment_attention.cc")
