@@ -130,6 +130,7 @@ def test_fused_cpu_attention_on_a_2x2x2_mesh_trains_like_xla_on_one_device(
 ):
     recipe = ml_collections.ConfigDict(scenes_recipe.to_dict())
     recipe.model.attention_impl = "fused_cpu"
+    recipe.optimizer.grad_accum_steps = 2  # the kernel inside the accumulation scan as well
     train_losses, eval_losses = train_scenes(recipe, tmp_path, (2, 2, 2), -1)
     np.testing.assert_allclose(train_losses, single_device_scenes_run[0], rtol=1e-4)
     np.testing.assert_allclose(eval_losses, single_device_scenes_run[1], rtol=1e-4)
