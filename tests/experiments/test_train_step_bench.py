@@ -67,6 +67,20 @@ def test_main_prints_one_json_line_last_with_the_reported_keys(printed_results, 
     assert printed_results["real_tokens"] == TINY_WORKLOAD["real_tokens"]
 
 
+def test_fused_cpu_is_the_cpu_default_and_xla_is_timed_once_when_asked_for(
+    printed_results, workload_path
+):
+    assert printed_results["attention_impl"] == "fused_cpu"
+    argv = ["--workload", str(workload_path), "--steps", "1", "--warmup", "0", "--skip-peer"]
+    argv += ["--peak-size", "64", "--peak-repeats", "1", "--glibc-defaults", "--async-dispatch"]
+    results = train_step.main([*argv, "--attention-impl", "xla"])
+    assert results["attention_impl"] == "xla"
+    assert results["packed_step_s"] == results["packed_xla_step_s"]  # one step, timed once
+    assert results["step_flops"] == flops.packed_step_flops(
+        flops.ModelShape(32, 1, 64, 10, 4 * 4 * 3), results["rows"], 16, 3
+    )
+
+
 @pytest.mark.skipif(not HAS_PEER, reason="vit-pytorch not installed (pip install -e '.[bench]')")
 def test_peer_step_runs_on_the_same_images(printed_results):
     assert printed_results["peer_step_s"] > 0
