@@ -1,5 +1,6 @@
 """Text tower: packed-vs-alone invariance for captions, isolation, NaN-free padding, positions
-restarting per caption, clear errors for ids or lengths past the tables."""
+restarting per caption, clear errors for ids or lengths past the tables; the model-level tests
+run with both segment-attention implementations ("xla", "fused_cpu")."""
 
 import jax
 import numpy as np
@@ -52,9 +53,11 @@ def caption_slices(row: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
-@pytest.fixture(scope="module")
-def model() -> TextTower:
-    return TextTower(tiny_text_config(), rngs=nnx.Rngs(0))
+@pytest.fixture(scope="module", params=["xla", "fused_cpu"])
+def model(request) -> TextTower:
+    """The tiny tower with each segment-attention implementation (the model-level tests run on
+    both)."""
+    return TextTower(tiny_text_config(attention_impl=request.param), rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")
