@@ -178,7 +178,8 @@ class Decoder(nnx.Module):
         if config.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"model.decoder.attention_impl={config.attention_impl!r} is not supported; "
-                f"use one of {ATTENTION_IMPLS}."
+                f"use one of {ATTENTION_IMPLS} (the decoder's causal and cross-attention; "
+                "'fused_cpu' is the encoders' segment self-attention: model.attention_impl)."
             )
         sizes = decoder_sizes(config)
         width = sizes["width"]

@@ -183,6 +183,8 @@ def test_bad_configs_and_rows_longer_than_max_len_raise_naming_the_fix(decoder):
         Decoder(tiny_config(variant="XL"), ENCODER_WIDTH, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="divisible"):
         Decoder(tiny_config(num_heads=5), ENCODER_WIDTH, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="'fused_cpu' is the encoders'"):
+        Decoder(tiny_config(attention_impl="fused_cpu"), ENCODER_WIDTH, rngs=nnx.Rngs(0))
     tokens, encoded = inputs()
     too_long = np.zeros((2, 3, MAX_LEN + 1), np.int32)
     with pytest.raises(ValueError, match="max_len"):
