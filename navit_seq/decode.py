@@ -115,7 +115,9 @@ def generate(
     (slot -1) produce only END. `rng` is used by sampling only. Returns
     `tokens` [B, R, max_len] int32, `token_log_probs` [B, R, max_len] (each chosen token's
     log-probability under the model's constrained distribution at temperature 1; 0 after END),
-    `score` [B, R] (their sum), `finished` [B, R] (END produced) and `num_steps` (decoder
+    `model_log_probs` [B, R, max_len] (the same under the unconstrained distribution: what
+    Pix2Seq scores a detection by, the class probability with FAKE and END keeping their mass),
+    `score` [B, R] (the sum of `token_log_probs`), `finished` [B, R] (END produced) and `num_steps` (decoder
     calls made: max_len without early stop).
     """
     decoder = model.decoder
@@ -129,7 +131,7 @@ def generate(
             f"prompt length {prompt.shape[-1]} + DecodeConfig max_len={config.max_len} exceeds "
             f"model.decoder.max_len={decoder.max_len}: lower max_len."
         )
-    encoded = model.encoder(batch, deterministic=True)["tokens"]  # [B, L, D_enc]
+    encoded = model.encode(batch, deterministic=True)["memory"]  # [B, L, D_memory]
     cross_kv = decoder.cross_keys_values(encoded)  # per layer [B, L, H, Dh], computed once
     cross_attend = row_image_mask(batch["segment_ids"], batch["row_slot"])  # [B, R, L]
     if config.method == "beam":
@@ -157,11 +159,13 @@ def _next_logits(
 
 def _constrained_log_probs(
     logits: jax.Array, tokens: jax.Array, position: jax.Array, token_mask: TokenMask | None
-) -> tuple[jax.Array, jax.Array]:
-    """(logits with -inf at disallowed tokens, their log-softmax), both [B, R, V]."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logits with -inf at disallowed tokens, their log-softmax, the log-softmax of the
+    unconstrained logits), each [B, R, V]."""
+    model_log_probs = jax.nn.log_softmax(logits, axis=-1)
     if token_mask is not None:
         logits = jnp.where(token_mask(tokens, position), logits, -jnp.inf)
-    return logits, jax.nn.log_softmax(logits, axis=-1)
+    return logits, jax.nn.log_softmax(logits, axis=-1), model_log_probs
 
 
 def _sample(
@@ -177,22 +181,27 @@ def _sample(
     batch, rows, prompt_length = prompt.shape
     total = prompt_length + config.max_len
     tokens = jnp.zeros((batch, rows, total), jnp.int32).at[:, :, :prompt_length].set(prompt)
-    log_probs = jnp.zeros((batch, rows, config.max_len), jnp.float32)
+    log_probs = jnp.zeros((batch, rows, 2, config.max_len), jnp.float32)  # constrained, model
     finished = ~cross_attend.any(-1)  # [B, R]: padding rows are finished before they start
 
     def choose(logits, step, tokens, log_probs, finished, key):
         position = prompt_length + step
-        logits, token_log_probs = _constrained_log_probs(logits, tokens, position, token_mask)
+        logits, token_log_probs, model_log_probs = _constrained_log_probs(
+            logits, tokens, position, token_mask
+        )
         if config.method == "greedy":
             token = jnp.argmax(logits, axis=-1)
         else:
             filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
             token = jax.random.categorical(key, filtered, axis=-1)
         token = jnp.where(finished, config.end_token, token).astype(jnp.int32)  # [B, R]
-        chosen = jnp.take_along_axis(token_log_probs, token[..., None], axis=-1)[..., 0]
+        chosen = jnp.stack(
+            [jnp.take_along_axis(lp, token[..., None], axis=-1)[..., 0]
+             for lp in (token_log_probs, model_log_probs)], axis=-1,
+        )  # [B, R, 2]  # fmt: skip
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, position, axis=2)
         log_probs = jax.lax.dynamic_update_index_in_dim(
-            log_probs, jnp.where(finished, 0.0, chosen), step, axis=2
+            log_probs, jnp.where(finished[..., None], 0.0, chosen), step, axis=3
         )
         return tokens, log_probs, finished | (token == config.end_token)
 
@@ -226,8 +235,9 @@ def _sample(
     num_steps, tokens, log_probs, finished, _, _ = jax.lax.while_loop(keep_going, one_step, state)
     return {
         "tokens": tokens[:, :, prompt_length:],
-        "token_log_probs": log_probs,
-        "score": log_probs.sum(-1),
+        "token_log_probs": log_probs[:, :, 0],
+        "model_log_probs": log_probs[:, :, 1],
+        "score": log_probs[:, :, 0].sum(-1),
         "finished": finished,
         "num_steps": num_steps,
     }
@@ -262,20 +272,25 @@ def _beam_search(
     # Only beam 0 is live at first (all beams hold the same prompt).
     scores = jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf), (batch, rows, 1))
     finished = jnp.repeat(~cross_attend.any(-1), beams, axis=1).reshape(batch, rows, beams)
-    log_probs = jnp.zeros((batch, rows, beams, config.max_len), jnp.float32)
+    log_probs = jnp.zeros((batch, rows, beams, 2, config.max_len), jnp.float32)  # constr., model
     end_only = jnp.where(jnp.arange(vocab) == config.end_token, 0.0, -jnp.inf)  # [V]
 
     def advance(logits, step, tokens, log_probs, scores, finished, cache):
         position = prompt_length + step
-        _, token_log_probs = _constrained_log_probs(logits, tokens, position, token_mask)
+        _, token_log_probs, model_log_probs = _constrained_log_probs(
+            logits, tokens, position, token_mask
+        )
         token_log_probs = token_log_probs.reshape(batch, rows, beams, vocab)
         token_log_probs = jnp.where(finished[..., None], end_only, token_log_probs)
+        model_log_probs = model_log_probs.reshape(batch, rows, beams, vocab)
+        model_log_probs = jnp.where(finished[..., None], end_only, model_log_probs)
         candidates = (scores[..., None] + token_log_probs).reshape(batch, rows, beams * vocab)
         scores, best = jax.lax.top_k(candidates, beams)  # [B, R, K], ties: lowest index first
         parent, token = best // vocab, (best % vocab).astype(jnp.int32)  # [B, R, K]
-        chosen = jnp.take_along_axis(
-            token_log_probs.reshape(batch, rows, beams * vocab), best, axis=-1
-        )  # [B, R, K]
+        chosen = jnp.stack(
+            [jnp.take_along_axis(lp.reshape(batch, rows, beams * vocab), best, axis=-1)
+             for lp in (token_log_probs, model_log_probs)], axis=-1,
+        )  # [B, R, K, 2]  # fmt: skip
 
         def by_parent(x):  # reorder per-beam arrays [B, R, K, ...] by parent beam
             index = parent.reshape(parent.shape + (1,) * (x.ndim - 3))
@@ -283,7 +298,7 @@ def _beam_search(
 
         tokens = by_parent(tokens.reshape(batch, rows, beams, total))
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, position, axis=3)
-        log_probs = jax.lax.dynamic_update_index_in_dim(by_parent(log_probs), chosen, step, axis=3)
+        log_probs = jax.lax.dynamic_update_index_in_dim(by_parent(log_probs), chosen, step, axis=4)
         finished = by_parent(finished) | (token == config.end_token)
         if cache is not None:  # [B*R*K, T, H, Dh] rows follow their parents
             cache = jax.tree.map(
@@ -317,7 +332,8 @@ def _beam_search(
     best = tokens.reshape(batch, rows, beams, total)[:, :, 0]  # top_k keeps beams sorted
     return {
         "tokens": best[:, :, prompt_length:],
-        "token_log_probs": log_probs[:, :, 0],
+        "token_log_probs": log_probs[:, :, 0, 0],
+        "model_log_probs": log_probs[:, :, 0, 1],
         "score": scores[:, :, 0],
         "finished": finished[:, :, 0],
         "num_steps": num_steps,

@@ -2,8 +2,9 @@
 
 Order per chunk of `evaluation.images_per_batch` images (each packed alone into one row of a
 fixed-shape batch at the eval token budget, so nothing recompiles):
-1. detection: greedy or nucleus decoding under the codec's grammar; a box's score is its class
-   token's probability (FAKE stays in the distribution, and FAKE groups are dropped);
+1. detection: greedy or nucleus decoding under the codec's grammar to the row's full length;
+   every group is a box, its class the most likely real class, its score that class's
+   probability under the unconstrained distribution (Pix2Seq's reference inference);
 2. segmentation and keypoints, prompted by the detected boxes (or the ground-truth ones,
    `evaluation.use_gt_boxes`): one decoder row per box, all rows of an image in one call (the
    image encoded once). Segmentation draws `segm_samples` masks per box, averages them and
@@ -187,7 +188,8 @@ class Predictor:
             self.masks[task],
         )
         tokens = np.asarray(out["tokens"])[: len(images)]
-        probs = np.exp(np.asarray(out["token_log_probs"], np.float64))[: len(images)]
+        # Scores are model probabilities (FAKE and END keep their mass): DetectionTask.grammar.
+        probs = np.exp(np.asarray(out["model_log_probs"], np.float64))[: len(images)]
         return tokens, probs
 
     def _chunks(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:

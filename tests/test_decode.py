@@ -202,6 +202,19 @@ def test_constrained_decoding_never_emits_a_masked_token(model, method):
     assert not obeys[live].all()
 
 
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_model_log_probs_are_the_unconstrained_teacher_forced_log_probs(model, method):
+    config = {"greedy": GREEDY, "beam": BEAM}[method]
+    out = decode(model, config, DETECTION_GRAMMAR)
+    live = (ROW_SLOT >= 0)[..., None] & ~after_first_end(out["tokens"])
+    expected = rescore(model, PROMPT, out["tokens"])  # the model's full softmax, no mask
+    np.testing.assert_allclose(out["model_log_probs"][live], expected[live], atol=1e-5)
+    assert not out["model_log_probs"][~live].any()
+    # The grammar renormalizes: constrained >= unconstrained, strictly where it cut mass.
+    assert (out["token_log_probs"][live] >= out["model_log_probs"][live] - 1e-6).all()
+    assert (out["token_log_probs"][live] > out["model_log_probs"][live] + 1e-3).any()
+
+
 def test_beam_search_with_one_beam_equals_greedy(model, greedy):
     # Without the cache, so the recomputing path of beam search is checked too.
     config = DecodeConfig(max_len=MAX_LEN, method="beam", beam_size=1, use_cache=False)

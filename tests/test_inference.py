@@ -51,6 +51,7 @@ def test_average_masks_keeps_pixels_set_in_at_least_half_the_samples():
 
 
 def test_codec_grammars_allow_end_only_where_a_response_may_stop(recipe_and_model):
+    """Detection decodes to the row's full length (every group a box, Pix2Seq's inference)."""
     from navit_seq.tasks.vocab import END, Vocab
     from navit_seq.train import sequence
 
@@ -60,9 +61,9 @@ def test_codec_grammars_allow_end_only_where_a_response_may_stop(recipe_and_mode
     coord, label = vocab.coord_offset + 7, Vocab.CLASS_OFFSET + 2
     detection = codecs["detection"].grammar()  # [5, V]
     assert detection.shape == (5, vocab.size)
-    assert detection[0, END] and not detection[1:, END].any()
+    assert not detection[:, END].any()
     assert detection[:4, coord].all() and not detection[4, coord]
-    assert detection[4, label] and detection[4, Vocab.FAKE_CLASS]  # FAKE keeps its mass
+    assert detection[4, label] and not detection[4, Vocab.FAKE_CLASS]  # argmax of real classes
     segmentation = codecs["segmentation"].grammar()[0]
     assert segmentation[[coord, Vocab.SEPARATOR, END]].all() and not segmentation[label]
     keypoints = codecs["keypoints"].grammar()[0]  # the best coordinate replaces INVISIBLE
@@ -94,6 +95,19 @@ def test_untrained_model_gives_well_formed_predictions_of_every_task(recipe_and_
     assert any(p["masks"] and p["masks"][0] is not None for p in predictions)  # boxes prompted
     for prediction, example in zip(predictions, examples, strict=True):
         check_well_formed(prediction, example)
+
+
+def test_every_decoded_group_is_a_box_even_where_the_model_prefers_fake(recipe_and_model):
+    """An untrained model puts most mass on FAKE/END; detection still returns one box per group,
+    the most likely real class, scored by its (small) unconstrained probability."""
+    from navit_seq.train import sequence
+
+    config, model = recipe_and_model
+    (detection,) = [t.codec for t in sequence.sequence_tasks(config.data) if t.name == "detection"]
+    predictions = inference.Predictor(config, model).predict(inference.evaluation_examples(config))
+    for prediction in predictions:
+        assert len(prediction["labels"]) == detection.capacity
+        assert (prediction["scores"] < 1).all() and (prediction["scores"] > 0).all()
 
 
 def test_ground_truth_boxes_prompt_masks_and_person_keypoints(recipe_and_model):
@@ -146,8 +160,8 @@ def test_training_logs_split_metrics_at_eval(scenes_data_dir, tmp_path):
 def test_detection_scores_are_class_token_probabilities_of_a_full_recomputation(
     recipe_and_model,
 ):
-    """Scores vs the teacher-forced forward pass over the generated rows (float64 softmax
-    under the grammar), not the decoder's KV-cached steps."""
+    """Scores vs the teacher-forced forward pass over the generated rows (float64 softmax of
+    the unconstrained logits: FAKE and END keep their mass), not the decoder's cached steps."""
     import jax.numpy as jnp
 
     from navit_seq.tasks.vocab import END, Vocab
@@ -170,7 +184,6 @@ def test_detection_scores_are_class_token_probabilities_of_a_full_recomputation(
     decoder_input[: len(images), 0] = rows[:, : codec.seq_len]
     logits = model({**batch, "decoder_input": jnp.asarray(decoder_input)}, deterministic=True)
     logits = np.asarray(logits["logits"], np.float64)[: len(images), 0]  # [b, T, V]
-    grammar = codec.grammar()
     for image, f in enumerate(found):
         expected = []
         generated = tokens[image, 0]
@@ -178,8 +191,7 @@ def test_detection_scores_are_class_token_probabilities_of_a_full_recomputation(
             if generated[group * 5] == END:
                 break
             position = group * 5 + 4  # the class token, predicted from input position + 0
-            allowed = grammar[4]
-            row_logits = np.where(allowed, logits[image, position], -np.inf)
+            row_logits = logits[image, position]
             probs = np.exp(row_logits - row_logits.max())
             probs /= probs.sum()
             if codec.vocab.is_class(generated[position]):

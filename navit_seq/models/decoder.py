@@ -26,6 +26,9 @@ PRESETS = {
     "B": {"width": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072},
 }
 _SIZE_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
+# What cross-attention reads (navit_seq.models.pix2seq.DecoderMemory): the encoder tokens as
+# they are, or projected + LayerNormed + position-embedded + MLP (Pix2Seq's reference).
+MEMORIES = ("encoder", "projected")
 
 # Per layer (key, value), each [N, T_cache, H, Dh] with N = B * R flattened decoder rows.
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -42,6 +45,7 @@ def default_decoder_config() -> ml_collections.ConfigDict:
             **{field: placeholder(int) for field in _SIZE_FIELDS},  # override the preset
             "vocab_size": placeholder(int),  # navit_seq.tasks.vocab.Vocab(...).size
             "max_len": 512,  # positions: longest prompt + response the decoder reads
+            "memory": "projected",  # MEMORIES: what cross-attention reads
             "tie_embeddings": True,  # Pix2Seq shares the input and output token embedding
             "qk_norm": False,
             "use_bias": True,

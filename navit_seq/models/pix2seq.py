@@ -3,16 +3,25 @@ reads decoder rows, each cross-attending only to the tokens of its own image.
 
 Input: the packed batch (docs/architecture.md §3) plus `decoder_input [B, R, T]` and
 `row_slot [B, R]` (§9). Output: the encoder's outputs plus `logits [B, R, T, vocab]`.
+
+Between them sits the decoder's memory (`model.decoder.memory = "projected"`, as Pix2Seq's
+reference model does): the encoder tokens projected to the decoder width, LayerNormed, given
+a position embedding of their own (fractional sinusoidal: the frame the box targets are
+normalised in, whatever the image's grid) and passed through a residual MLP. "encoder" feeds
+the encoder tokens to cross-attention as they are.
 """
 
 from collections.abc import Mapping
 
 import jax
 import ml_collections
+import jax.numpy as jnp
 from flax import nnx
 
-from navit_seq.models.decoder import Decoder, default_decoder_config
-from navit_seq.models.navit import NaViT, default_model_config, model_sizes
+from navit_seq.models.decoder import MEMORIES, Decoder, decoder_sizes, default_decoder_config
+from navit_seq.models.navit import MLP, NaViT, default_model_config, dtype_of, model_sizes
+from navit_seq.models.partitioning import constrain, layer_norm, partitioned
+from navit_seq.models.posemb import PositionalEmbedding, default_posemb_config
 
 
 def default_pix2seq_config() -> ml_collections.ConfigDict:
@@ -24,6 +33,50 @@ def default_pix2seq_config() -> ml_collections.ConfigDict:
     return config
 
 
+def memory_posemb_config() -> ml_collections.ConfigDict:
+    """The memory's position embedding: sinusoidal in fractional coordinates (never out of
+    range, and a bin of a box target is the same place at every grid size)."""
+    config = default_posemb_config()
+    config.embedding, config.coords = "sinusoidal", "fractional"
+    return config
+
+
+class DecoderMemory(nnx.Module):
+    """Encoder tokens [B, L, D_enc] -> the decoder's memory [B, L, D_dec] (module docstring)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, encoder_width: int, *, rngs: nnx.Rngs):
+        decoder = config.decoder
+        width = decoder_sizes(decoder)["width"]
+        dtype, param_dtype = dtype_of(decoder.dtype), dtype_of(decoder.param_dtype)
+        self.projection = nnx.Linear(
+            encoder_width, width, use_bias=decoder.use_bias, dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=partitioned(nnx.initializers.xavier_uniform(), ("embed", "mlp")),
+            bias_init=partitioned(nnx.initializers.zeros, ("mlp",)),
+            rngs=rngs,
+        )  # fmt: skip
+        norm = lambda: layer_norm(
+            width, "mlp", use_bias=decoder.use_bias, dtype=dtype, param_dtype=param_dtype,
+            rngs=rngs,
+        )  # fmt: skip
+        self.projection_norm = norm()
+        self.posemb = PositionalEmbedding(memory_posemb_config(), width, param_dtype=param_dtype,
+                                          rngs=rngs)  # fmt: skip
+        self.mlp_norm = norm()
+        self.mlp = MLP(
+            width, decoder_sizes(decoder)["mlp_dim"], use_bias=decoder.use_bias, dropout=0.0,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+
+    def __call__(self, tokens: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+        memory = self.projection_norm(self.projection(tokens))  # [B, L, D_dec]
+        positions = self.posemb(batch["patch_coords"], batch["segment_ids"], batch["image_grid"])
+        memory = memory + positions.astype(memory.dtype)
+        memory = memory + self.mlp(self.mlp_norm(memory))
+        memory = jnp.where((batch["segment_ids"] > 0)[..., None], memory, 0)
+        return constrain(memory, ("act_batch", "act_len", "act_emb"))
+
+
 class Pix2Seq(nnx.Module):
     """NaViT encoder + sequence decoder (see the module docstring)."""
 
@@ -33,8 +86,18 @@ class Pix2Seq(nnx.Module):
                 "config.model has no `decoder` section; start from "
                 "navit_seq.models.pix2seq.default_pix2seq_config()."
             )
+        memory = config.decoder.get("memory", "encoder")
+        if memory not in MEMORIES:
+            raise ValueError(f"model.decoder.memory={memory!r} is not one of {MEMORIES}.")
+        encoder_width = model_sizes(config)["width"]
         self.encoder = NaViT(config, rngs=rngs)
-        self.decoder = Decoder(config.decoder, model_sizes(config)["width"], rngs=rngs)
+        self.memory = (
+            DecoderMemory(config, encoder_width, rngs=rngs) if memory == "projected" else None
+        )
+        memory_width = (
+            encoder_width if self.memory is None else decoder_sizes(config.decoder)["width"]
+        )
+        self.decoder = Decoder(config.decoder, memory_width, rngs=rngs)
 
     def __call__(
         self, batch: Mapping[str, jax.Array], *, deterministic: bool
@@ -46,9 +109,16 @@ class Pix2Seq(nnx.Module):
                     f"batch has no {key!r}: Pix2Seq needs decoder rows (docs/architecture.md §9); "
                     "use a sequence task in data.task."
                 )
-        outputs = self.encoder(batch, deterministic=deterministic)
+        outputs = self.encode(batch, deterministic=deterministic)
         logits = self.decoder(
-            batch["decoder_input"], outputs["tokens"], batch["segment_ids"], batch["row_slot"],
+            batch["decoder_input"], outputs["memory"], batch["segment_ids"], batch["row_slot"],
             deterministic=deterministic,
         )  # fmt: skip
         return {**outputs, "logits": logits}
+
+    def encode(self, batch: Mapping[str, jax.Array], *, deterministic: bool) -> dict:
+        """The encoder's outputs (§4) plus "memory" [B, L, D]: what the decoder reads."""
+        outputs = self.encoder(batch, deterministic=deterministic)
+        tokens = outputs["tokens"]
+        memory = tokens if self.memory is None else self.memory(tokens, batch)
+        return {**outputs, "memory": memory}

@@ -69,14 +69,16 @@ class DetectionTask:
 
     def grammar(self) -> np.ndarray:
         """Allowed tokens per position of an object group, bool [5, V] (inference's token
-        mask, `decode.cyclic_token_mask`): coordinate or END, 3 coordinates, a class or FAKE.
-        FAKE stays allowed so a box's class probability is not renormalized over the noise
-        mass (Pix2Seq scores by the real-class probability); `decode` drops FAKE groups."""
+        mask, `decode.cyclic_token_mask`): 4 coordinates, then a real class.
+
+        As in Pix2Seq's reference inference, a row is decoded to its full length (no END) and
+        every group is kept: its class is the argmax over the real classes and its score that
+        class's probability under the unconstrained distribution (`decode.generate`'s
+        `model_log_probs`), so groups the model would call FAKE or END rank low instead of
+        being dropped (an undertrained model calls most groups FAKE)."""
         tokens = np.arange(self.vocab.size)
         coord = self.vocab.is_coord(tokens)
-        first = coord | (tokens == END)
-        label = self.vocab.is_class(tokens) | (tokens == Vocab.FAKE_CLASS)
-        return np.stack([first, coord, coord, coord, label])
+        return np.stack([coord, coord, coord, coord, self.vocab.is_class(tokens)])
 
     def encode(
         self, example: dict[str, Any], *, training: bool, rng: np.random.Generator | None = None
@@ -134,9 +136,10 @@ class DetectionTask:
         """Generated tokens after the prompt [T'] -> ({bbox [K, 4] normalized (y, x),
         label [K], score [K]}, stats).
 
-        Reads groups of 5 up to END; a group that is not 4 coordinates + a real class is
-        dropped and counted (FAKE groups separately). A box's score is its class token's
-        probability from `token_scores` [T'] (1 without it); min/max are sorted per axis.
+        Reads groups of 5 up to END (generated rows have none: `grammar`); a group that is not
+        4 coordinates + a real class is dropped and counted (FAKE groups of training rows
+        separately). A box's score is its class token's probability from `token_scores` [T']
+        (1 without it); min/max are sorted per axis.
         """
         tokens = response_until_end(tokens)
         num_groups = len(tokens) // TOKENS_PER_OBJECT
