@@ -117,8 +117,8 @@ def generate(
     log-probability under the model's constrained distribution at temperature 1; 0 after END),
     `model_log_probs` [B, R, max_len] (the same under the unconstrained distribution: what
     Pix2Seq scores a detection by, the class probability with FAKE and END keeping their mass),
-    `score` [B, R] (the sum of `token_log_probs`), `finished` [B, R] (END produced) and `num_steps` (decoder
-    calls made: max_len without early stop).
+    `score` [B, R] (the sum of `token_log_probs`), `finished` [B, R] (END produced) and
+    `num_steps` (decoder calls made: max_len without early stop).
     """
     decoder = model.decoder
     if prompt.ndim != 3 or prompt.shape[:2] != batch["row_slot"].shape or not prompt.shape[2]:

@@ -17,14 +17,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from navit_seq import config_utils, cpu_runtime, main as main_lib  # noqa: E402
+from navit_seq import config_utils, cpu_runtime  # noqa: E402
+from navit_seq import main as main_lib
 from navit_seq.train import loop  # noqa: E402
 
 EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "evaluation batches for the losses")
@@ -102,7 +101,6 @@ def main(argv):
         split = trainer.split_metrics(state, config.num_train_steps)
         result["eval_seconds"] = round(time.perf_counter() - started, 1)
         result["split_metrics"] = {k: round(float(v), 4) for k, v in split.items()}
-    del jnp, jax
     print(json.dumps(result))
 
 

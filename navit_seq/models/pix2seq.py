@@ -14,8 +14,8 @@ the encoder tokens to cross-attention as they are.
 from collections.abc import Mapping
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from navit_seq.models.decoder import MEMORIES, Decoder, decoder_sizes, default_decoder_config

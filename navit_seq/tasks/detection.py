@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from navit_seq.tasks.vocab import END, Vocab, build_row, response_until_end, stack_rows
+from navit_seq.tasks.vocab import Vocab, build_row, response_until_end, stack_rows
 
 TOKENS_PER_OBJECT = 5  # ymin xmin ymax xmax class
 DUPLICATE_JITTER = 0.1  # max jitter of noisy duplicates, relative to box size (reference)
