@@ -36,16 +36,28 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metri
 STEP = flags.DEFINE_integer("step", None, "evaluate/export: checkpoint step (default: latest).")
 
 
-def recipe_options(arg: str | None) -> dict[str, str]:
-    """A recipe's argument (`configs/x.py:steps=50,loss=softmax`) as {name: text}."""
+def recipe_options(arg: str | None, *, known: Sequence[str]) -> dict[str, str]:
+    """A recipe's argument (`configs/x.py:steps=50,loss=softmax`) as {name: text}.
+
+    `known`: the names the recipe reads; any other name (a typo such as `stpes`) is an error
+    listing them, never silently ignored.
+    """
     options = {}
     for item in arg.split(",") if arg else []:
         name, equals, value = item.partition("=")
         if not equals or not name:
             raise ValueError(
                 f"recipe argument {item!r} (in {arg!r}) is not name=value; write e.g. "
-                "configs/quickstart.py:steps=50,seed=1."
+                "configs/quickstart.py:steps=50 (pairs separated by commas)."
             )
+        if name not in known:
+            takes = f"it takes {', '.join(known)}" if known else "it takes none"
+            raise ValueError(
+                f"recipe argument {name!r} (in {arg!r}) is not one this recipe reads; {takes}. "
+                "Fix the name, or set any field with --config.a.b=value."
+            )
+        if name in options:
+            raise ValueError(f"recipe argument {name!r} is given twice in {arg!r}; keep one.")
         options[name] = value
     return options
 
