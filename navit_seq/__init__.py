@@ -1,0 +1,11 @@
+"""NaViT packed image encoder + Pix2Seq-v2 sequence decoder in JAX/Flax NNX.
+
+Importing the package quiets TensorFlow (TFDS and clu load it; navit_seq uses it only to read
+and write files) before it loads: no C++ INFO/WARNING lines (the CPU-instructions banner).
+Processes started from here (grain workers, scene-drawing workers) inherit the setting; a value
+already set wins.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

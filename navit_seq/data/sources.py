@@ -104,7 +104,8 @@ def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise FileNotFoundError(
-            f"data_source: no dataset {name!r} in data_dir={data_dir!r}; {BUILD_HINT}."
+            f"data_source: no dataset {name!r} in data_dir={data_dir!r} (a recipe's "
+            f"config.data.data_dir); {BUILD_HINT}, or point data_dir at where it was built."
         ) from error
     if not builder.is_prepared():
         raise FileNotFoundError(
