@@ -19,7 +19,7 @@ from navit_seq.train.optimizer import default_optimizer_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = config_utils.recipe_options(arg)
+    options = config_utils.recipe_options(arg, known=("steps", "loss", "data"))
     config = config_utils.loop_config(
         "contrastive",  # navit_seq.train.contrastive
         steps=int(options.get("steps", 600)),

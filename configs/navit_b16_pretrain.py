@@ -19,7 +19,7 @@ from navit_seq.train.optimizer import default_optimizer_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    config_utils.recipe_options(arg, known=())  # takes no arguments: any is an error
     config = config_utils.loop_config(
         "classification",
         steps=500_000,  # (assumed)

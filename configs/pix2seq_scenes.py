@@ -30,7 +30,7 @@ ROW_LENGTH = 64
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = config_utils.recipe_options(arg)
+    options = config_utils.recipe_options(arg, known=("steps", "data_dir"))
     config = config_utils.loop_config(
         "sequence",  # navit_seq.train.sequence
         steps=int(options.get("steps", 300)),

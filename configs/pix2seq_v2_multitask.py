@@ -25,7 +25,7 @@ ROW_LENGTH = 512  # (assumed) decoder row T: detection of 100 objects needs 5 * 
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    config_utils.recipe_options(arg, known=())  # takes no arguments: any is an error
     config = config_utils.loop_config(
         "sequence",  # navit_seq.train.sequence
         steps=300_000,  # (assumed)

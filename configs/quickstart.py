@@ -15,7 +15,7 @@ from navit_seq.train.optimizer import default_optimizer_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = config_utils.recipe_options(arg)
+    options = config_utils.recipe_options(arg, known=("steps",))
     config = config_utils.loop_config(
         "classification",  # navit_seq.train.classification
         steps=int(options.get("steps", 600)),

@@ -2,7 +2,8 @@
 
 `--config configs/<recipe>.py:<arg>` calls the file's `get_config(arg)`; `--config.a.b=value`
 overrides a field with ml_collections' type checks (a wrong type names the flag). The config is
-locked, so an unknown key is an error; we re-raise that as one line naming the full key.
+locked, so an unknown key is an error; we re-raise that as one line naming the full key. A
+recipe's own error (a bad argument, a missing file) is reported as one line too (`navit_seq.cli`).
 """
 
 import importlib.util
@@ -12,9 +13,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from navit_seq import cli
 
 REQUIRED_FIELDS = (
     "seed",
@@ -32,20 +35,39 @@ CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe: configs/<recipe>.py[:arg]; override fields with --config.a.b=v.",
     lock_config=True,
 )  # fmt: skip
-WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and results (required)."
+)
 STEP = flags.DEFINE_integer("step", None, "evaluate/export: checkpoint step (default: latest).")
+COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", cli.default_compilation_cache_dir(),
+    "JAX's persistent compilation cache: a second run of the same programs loads them instead "
+    f"of compiling ('' = off; the default comes from ${cli.CACHE_ENV}).",
+)  # fmt: skip
 
 
-def recipe_options(arg: str | None) -> dict[str, str]:
-    """A recipe's argument (`configs/x.py:steps=50,loss=softmax`) as {name: text}."""
+def recipe_options(arg: str | None, *, known: Sequence[str]) -> dict[str, str]:
+    """A recipe's argument (`configs/x.py:steps=50,loss=softmax`) as {name: text}.
+
+    `known`: the names the recipe reads; any other name (a typo such as `stpes`) is an error
+    listing them, never silently ignored.
+    """
     options = {}
     for item in arg.split(",") if arg else []:
         name, equals, value = item.partition("=")
         if not equals or not name:
             raise ValueError(
                 f"recipe argument {item!r} (in {arg!r}) is not name=value; write e.g. "
-                "configs/quickstart.py:steps=50,seed=1."
+                "configs/quickstart.py:steps=50 (pairs separated by commas)."
             )
+        if name not in known:
+            takes = f"it takes {', '.join(known)}" if known else "it takes none"
+            raise ValueError(
+                f"recipe argument {name!r} (in {arg!r}) is not one this recipe reads; {takes}. "
+                "Fix the name, or set any field with --config.a.b=value."
+            )
+        if name in options:
+            raise ValueError(f"recipe argument {name!r} is given twice in {arg!r}; keep one.")
         options[name] = value
     return options
 
@@ -110,19 +132,29 @@ def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str]) -> 
     return None
 
 
+def config_spec(argv: Sequence[str]) -> str | None:
+    """The `--config` value of a command line (`path.py[:arg]`), if there is one."""
+    return next(
+        (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"),
+        next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None),
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with an unknown config key reported as one clear line."""
+    """absl flag parsing, with an unknown config key or a failing recipe reported as one line."""
+    spec = config_spec(argv)
+    path = spec.partition(":")[0] if spec else None
+    if path and not Path(path).is_file():  # ml_collections would defer this to a later access
+        raise FileNotFoundError(f"--config {spec}: no file {path!r}; recipes live in configs/.")
     try:
         remaining = flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError) as error:
-        spec = next(
-            (argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"),
-            next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None),
-        )
+        # ml_collections wraps the recipe's own errors in a message holding their traceback:
+        # loading the recipe again raises them as they are (one line from `navit_seq.cli`).
         reason = unknown_override(load_config_file(spec), argv) if spec else None
         if reason:
-            sys.exit(f"FATAL config error: {reason}. Fix or remove the override.")
-        sys.exit(f"FATAL flags error: {error}\nPass --help to see the flags.")
+            sys.exit(f"error: {reason}. Fix or remove the override.")
+        sys.exit(f"error: {cli.one_line(error)}; pass --help to see the flags.")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     return remaining
@@ -132,13 +164,13 @@ def validated_config() -> ml_collections.ConfigDict:
     """The parsed --config, checked for the fields every training recipe must have."""
     config = CONFIG.value
     if config is None:
-        sys.exit("FATAL: --config is required, e.g. --config configs/quickstart.py")
+        sys.exit("error: --config is required, e.g. --config configs/quickstart.py")
     missing = [field for field in REQUIRED_FIELDS if field not in config]
     if missing:
-        sys.exit(f"FATAL config error: the recipe lacks required fields {missing}.")
+        sys.exit(f"error: the recipe lacks required fields {missing}.")
     if config.get("runnable_here") is False:
         sys.exit(
-            "FATAL: this is a paper-scale TPU/GPU pod recipe (config.runnable_here=False), not "
+            "error: this is a paper-scale TPU/GPU pod recipe (config.runnable_here=False), not "
             "runnable on this machine. On a pod, pass --config.runnable_here=True."
         )
     return config
@@ -146,7 +178,7 @@ def validated_config() -> ml_collections.ConfigDict:
 
 def required_workdir() -> Path:
     if not WORKDIR.value:
-        sys.exit("FATAL: --workdir is required (where checkpoints and metrics live).")
+        sys.exit("error: --workdir is required (where checkpoints and metrics live).")
     return Path(WORKDIR.value)
 
 
@@ -165,12 +197,19 @@ def check_same_recipe(config: ml_collections.ConfigDict, path: Path) -> None:
     differing = [key for key in ("trainer", "model") if saved.get(key) != current.get(key)]
     if differing:
         sys.exit(
-            f"FATAL: {path.parent} holds a run with a different {' and '.join(differing)} "
+            f"error: {path.parent} holds a run with a different {' and '.join(differing)} "
             f"(see {path}); resuming it with this recipe cannot work. Pass a new --workdir, or "
             "delete that one to start over."
         )
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """`app.run` with the config-aware flag parser."""
-    app.run(main, flags_parser=parse_flags)
+    """`app.run` with the config-aware flag parser, one-line errors (`navit_seq.cli`) and
+    JAX's persistent compilation cache at --compilation_cache_dir."""
+
+    def parse(argv: list[str]) -> list[str]:
+        remaining = parse_flags(argv)
+        cli.enable_compilation_cache(COMPILATION_CACHE.value)
+        return remaining
+
+    cli.run_absl(main, flags_parser=parse)

@@ -9,23 +9,25 @@ and DIR/eval_predictions.png, the first images' predictions next to their ground
 """
 
 import json
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+from absl import flags
+from flax import nnx
 
-import jax  # noqa: E402
-from flax import nnx  # noqa: E402
+from navit_seq import cli, config_utils, sharding
+from navit_seq.main import objective_for
+from navit_seq.train import checkpoint as checkpoint_lib
+from navit_seq.train import loop
+from navit_seq.train import metrics as metrics_lib
 
-from navit_seq import config_utils, sharding  # noqa: E402
-from navit_seq.main import objective_for  # noqa: E402
-from navit_seq.train import checkpoint as checkpoint_lib  # noqa: E402
-from navit_seq.train import loop  # noqa: E402
-from navit_seq.train import metrics as metrics_lib  # noqa: E402
+# absl's --help lists only the key flags of the command's own module.
+flags.adopt_module_key_flags(config_utils)
+flags.adopt_module_key_flags(cli)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise SystemExit(f"Unexpected arguments {argv[1:]}; see --help.")
+        raise ValueError(f"unexpected arguments {argv[1:]}; see --help.")
     config = config_utils.validated_config()
     workdir = config_utils.required_workdir()
     sharding.maybe_initialize_distributed(config)

@@ -6,25 +6,25 @@ and restores the parameters on one device: no optimizer state, no training loop 
 """
 
 import json
-import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import flags
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-from absl import flags  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from navit_seq import config_utils, sharding  # noqa: E402
-from navit_seq.train import checkpoint as checkpoint_lib  # noqa: E402
+from navit_seq import cli, config_utils, sharding
+from navit_seq.train import checkpoint as checkpoint_lib
 
 DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                           "Cast floating parameters to this dtype (default: keep).")  # fmt: skip
 EMA = flags.DEFINE_bool("ema", False, "Export the EMA parameters (the recipe must keep them).")
 OUTPUT = flags.DEFINE_string("output", None, "Export directory (default: WORKDIR/export).")
+# absl's --help lists only the key flags of the command's own module.
+flags.adopt_module_key_flags(config_utils)
+flags.adopt_module_key_flags(cli)
 
 
 def cast_floating(params: nnx.State, dtype: str | None) -> nnx.State:
@@ -72,7 +72,7 @@ def load(export_dir: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Module]
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise SystemExit(f"Unexpected arguments {argv[1:]}; see --help.")
+        raise ValueError(f"unexpected arguments {argv[1:]}; see --help.")
     from navit_seq.main import objective_for
     from navit_seq.train import loop
 
@@ -83,7 +83,10 @@ def main(argv: list[str]) -> None:
     step, state = checkpointer.restore_state(config_utils.STEP.value, trainer.abstract_state)
     checkpointer.close()
     if EMA.value and state.ema_params is None:
-        raise SystemExit("--ema: this run kept no EMA (config.optimizer.ema_decay is 0).")
+        raise ValueError(
+            "--ema: this run kept no EMA parameters (config.optimizer.ema_decay is 0); export "
+            "without --ema, or train with --config.optimizer.ema_decay=0.999."
+        )
     params = cast_floating(state.ema_params if EMA.value else state.params, DTYPE.value)
     output = Path(OUTPUT.value) if OUTPUT.value else workdir / "export"
     export(params, config, output, step)

@@ -6,15 +6,18 @@ The trainer is `navit_seq.train.<config.trainer>` (or a full module path): one p
 """
 
 import importlib
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import ml_collections
+from absl import flags
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
+from navit_seq import cli, config_utils, cpu_runtime, sharding
+from navit_seq.train import loop
 
-from navit_seq import config_utils, cpu_runtime, sharding  # noqa: E402
-from navit_seq.train import loop  # noqa: E402
+# absl's --help lists only the key flags of the command's own module.
+for name in ("config", "workdir", "compilation_cache_dir"):
+    flags.declare_key_flag(name)
+flags.adopt_module_key_flags(cli)
 
 
 def objective_for(config: ml_collections.ConfigDict) -> loop.Objective:
@@ -26,7 +29,7 @@ def objective_for(config: ml_collections.ConfigDict) -> loop.Objective:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise SystemExit(f"Unexpected arguments {argv[1:]}; see --help.")
+        raise ValueError(f"unexpected arguments {argv[1:]}; see --help.")
     config = config_utils.validated_config()
     workdir = config_utils.required_workdir()
     sharding.maybe_initialize_distributed(config)

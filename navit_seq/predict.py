@@ -10,7 +10,6 @@ OUT.json (the predictions: normalized (y, x) coordinates, COCO RLE masks).
 import argparse
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from navit_seq import cli  # noqa: E402
 
 TASKS = ("detection", "segmentation", "keypoints", "captioning")
 
@@ -162,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
                         "<image name>); writes OUTPUT.png and OUTPUT.json")  # fmt: skip
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--min-score", type=float, default=0.0,
-                        help="draw only objects scoring at least this")  # fmt: skip
+                        help="draw only objects scoring at least this (default: 0)")  # fmt: skip
+    cli.add_verbose_argument(parser)
     return parser
 
 
@@ -187,7 +189,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as error:
-        sys.exit(f"navit_seq.predict: {error}")
+    cli.enable_compilation_cache(cli.default_compilation_cache_dir())
+    cli.run(main)

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from navit_seq import cli
+
 # A smaller build than the default 10k scenes: enough for the CPU recipe, built in well under a
 # minute on 2 cores. Always the same options, so a second quickstart reuses the build.
 QUICKSTART_SCENES = ["--train-size", "4000", "--validation-size", "500", "--heldout-size", "500"]
@@ -25,7 +27,10 @@ def run_stage(title: str, argv: list[str]) -> None:
     started = time.time()
     result = subprocess.run([sys.executable, *argv[1:]] if argv[0] == "python" else argv)
     if result.returncode != 0:
-        sys.exit(f"quickstart: stage '{title}' failed with exit code {result.returncode}.")
+        sys.exit(
+            f"error: quickstart stage '{title}' failed with exit code {result.returncode} (its "
+            "message is above); fix that and run the quickstart again: finished stages are kept."
+        )
     print(f"--- {title}: done in {time.time() - started:.0f} s", flush=True)
 
 
@@ -59,13 +64,22 @@ def summarize(workdir: Path) -> None:
                 print(f"  {key:14s} {metrics[key]:.4f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data-dir", default="datasets", help="where datasets are built")
-    parser.add_argument("--workdir", default="workdirs/quickstart", help="training outputs")
-    parser.add_argument("--config", default="configs/pix2seq_scenes.py", help="the recipe")
-    args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m navit_seq.quickstart",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data-dir", default="datasets", help="where datasets are built "
+                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--workdir", default="workdirs/quickstart", help="training outputs "
+                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--config", default="configs/pix2seq_scenes.py", help="the recipe "
+                        "(default: %(default)s)")  # fmt: skip
+    cli.add_verbose_argument(parser)
+    args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[cli.DEBUG_ENV] = "1"  # the stages print their tracebacks too
     workdir = Path(args.workdir)
 
     run_stage(
@@ -94,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

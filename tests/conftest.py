@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Commands run by tests (subprocesses) compile without JAX's persistent cache: no test reads or
+# fills the user's cache (tests/test_cli.py turns it on where it tests it).
+os.environ.setdefault("NAVIT_SEQ_COMPILATION_CACHE", "")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()

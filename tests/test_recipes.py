@@ -56,13 +56,27 @@ def test_scenes_recipe_resolves_its_decoder_vocabulary_on_the_scene_dataset(scen
 
 
 def test_recipe_arguments_parse_and_a_malformed_one_is_an_error_naming_it():
-    assert config_utils.recipe_options(None) == {}
-    parsed = config_utils.recipe_options("steps=50,loss=softmax")
+    known = ("steps", "loss")
+    assert config_utils.recipe_options(None, known=known) == {}
+    parsed = config_utils.recipe_options("steps=50,loss=softmax", known=known)
     assert parsed == {"steps": "50", "loss": "softmax"}
     with pytest.raises(ValueError, match="recipe argument 'steps' .* is not name=value"):
-        config_utils.recipe_options("steps")
+        config_utils.recipe_options("steps", known=known)
     with pytest.raises(ValueError, match="is not name=value"):
         config_utils.load_config_file("configs/quickstart.py:steps50")
+    with pytest.raises(ValueError, match="'steps' is given twice"):
+        config_utils.recipe_options("steps=1,steps=2", known=known)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "takes"),
+    [("quickstart", "steps"), ("contrastive", "steps, loss, data"),
+     ("pix2seq_scenes", "steps, data_dir"), ("navit_b16_pretrain", "none"),
+     ("pix2seq_v2_multitask", "none")],
+)  # fmt: skip
+def test_misspelt_recipe_argument_is_an_error_listing_the_recipes_arguments(recipe, takes):
+    with pytest.raises(ValueError, match=f"recipe argument 'stpes' .* it takes {takes}\\."):
+        config_utils.load_config_file(f"configs/{recipe}.py:stpes=5")
 
 
 def test_every_recipe_has_the_shared_loop_fields_and_steps_follow_the_argument():

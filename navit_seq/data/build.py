@@ -9,7 +9,6 @@ they wrote, and with `--show N` print N examples and save a picture of their ann
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+from navit_seq import cli
 
 # TensorFlow-heavy modules (sources, features, builders) are imported inside the functions that
 # use them: scene-drawing worker processes (multiprocessing spawn) re-import this module as
@@ -166,8 +167,24 @@ def print_sample(
     return picture_path
 
 
+def split_folder(value: str) -> tuple[str, str]:
+    """`--image-dir SPLIT=FOLDER` as (split, folder)."""
+    split, equals, folder = value.partition("=")
+    if not equals or not split or not folder:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not SPLIT=FOLDER; write e.g. --image-dir train2017=/data/coco/train"
+        )
+    return split, folder
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m navit_seq.data.build", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m navit_seq.data.build",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="`python -m navit_seq.data.build COMMAND --help` lists that command's options "
+        "and their defaults.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     defaults_shown = argparse.ArgumentDefaultsHelpFormatter
     scenes = commands.add_parser(
@@ -189,6 +206,15 @@ def _parser() -> argparse.ArgumentParser:
     coco.add_argument("--coco-dir", required=True, help="folder with images and annotations/")
     coco.add_argument("--data-dir", required=True, help="TFDS data directory to write into")
     coco.add_argument("--name", default="coco_format", help="TFDS dataset name to give it")
+    coco.add_argument(
+        "--image-dir",
+        type=split_folder,
+        action="append",
+        default=[],
+        metavar="SPLIT=FOLDER",
+        help="the folder a split's file_names are relative to, if not COCO_DIR/SPLIT, "
+        "COCO_DIR/images/SPLIT, COCO_DIR/images or COCO_DIR (repeat for each split)",
+    )
     image_text = commands.add_parser(
         "image-text",
         help="convert a local folder of (image, caption) pairs",
@@ -204,6 +230,7 @@ def _parser() -> argparse.ArgumentParser:
             "--show", type=int, default=0, metavar="N", help="print N examples, save a picture"
         )
         command.add_argument("--show-split", default=None, help="split to show (None: the first)")
+        cli.add_verbose_argument(command)
     return parser
 
 
@@ -223,7 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "coco":
             from navit_seq.data.builders import coco
 
-            report = coco.build(args.coco_dir, args.data_dir, name=args.name)
+            report = coco.build(
+                args.coco_dir, args.data_dir, name=args.name, image_dirs=dict(args.image_dir)
+            )
         else:
             from navit_seq.data.builders import image_text
 
@@ -237,4 +266,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from navit_seq import cli, config_utils
 from navit_seq.data import packing, pipeline
 
 # Raw counters already summarized by `packing.summarize_stats`.
@@ -70,7 +70,7 @@ def dataset_source(config: ml_collections.ConfigDict, split: str) -> Sequence[di
     from navit_seq.data import sources  # imports TensorFlow Datasets: only when a dataset is read
 
     source = sources.data_source(config.name, split, data_dir=config.data_dir)
-    if not config.task.get("num_classes"):
+    if "num_classes" in config.task and not config.task.num_classes:
         config.task.num_classes = len(sources.class_names(config.name, data_dir=config.data_dir))
     return source
 
@@ -185,10 +185,11 @@ def main(argv: Sequence[str]) -> None:
 
 def define_flags() -> None:
     """Defined only when run as a command, so importing this module (tests, notebooks) never
-    clashes with the training commands' absl flags of the same names."""
-    config_flags.DEFINE_config_file(
-        "config", str(Path(pipeline.__file__)), "Recipe (with .data) or data config file."
-    )
+    clashes with the training commands' absl flags of the same names. `--config` is theirs
+    (recipes import config_utils, which defines it), defaulting here to the data config."""
+    flags.FLAGS.set_default("config", str(Path(pipeline.__file__)))
+    for name in ("config", "verbose"):  # absl's --help lists only the command's key flags
+        flags.declare_key_flag(name)
     flags.DEFINE_string(
         "image-sizes", None, "JSON file with 'images': [[h, w], ...]; packs synthetic images."
     )
@@ -200,4 +201,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run_absl(main, flags_parser=config_utils.parse_flags)

@@ -5,6 +5,7 @@ bytes for text; `to_numpy` turns one record into the `features.py` structure wit
 dtypes and shapes, also when an image has no objects, so nothing downstream special-cases it.
 """
 
+import logging
 import os
 from typing import Any
 
@@ -26,10 +27,22 @@ OBJECT_ARRAYS = {
     "keypoints": (np.float32, (NUM_KEYPOINTS, 3)),
     "num_keypoints": (np.int32, ()),
 }
+# Without OpenCV, TFDS decodes images with PIL, which navit_seq uses on purpose (no OpenCV
+# dependency), and warns so once per process: in the trainer and in every grain worker.
+OPENCV_WARNING = "OpenCV is not installed."
 BUILD_HINT = (
     "build it with `python -m navit_seq.data.build scenes --data-dir DIR` (scene dataset) or "
     "`python -m navit_seq.data.build coco --coco-dir SRC --data-dir DIR --name NAME`"
 )
+
+
+def _not_the_opencv_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(OPENCV_WARNING)
+
+
+# TFDS logs through absl's logger; this module is imported wherever records are decoded
+# (grain workers import it to unpickle NumpySource).
+logging.getLogger("absl").addFilter(_not_the_opencv_warning)
 
 
 def _as_str(value: bytes | str) -> str:
@@ -104,7 +117,8 @@ def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise FileNotFoundError(
-            f"data_source: no dataset {name!r} in data_dir={data_dir!r}; {BUILD_HINT}."
+            f"data_source: no dataset {name!r} in data_dir={data_dir!r} (a recipe's "
+            f"config.data.data_dir); {BUILD_HINT}, or point data_dir at where it was built."
         ) from error
     if not builder.is_prepared():
         raise FileNotFoundError(

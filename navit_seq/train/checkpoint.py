@@ -86,11 +86,19 @@ class Checkpointer:
 
     def restore_state(self, step: int | None, abstract_state: Any) -> tuple[int, Any]:
         """Only the train state (evaluation/export need no data iterator)."""
-        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
-        if not steps:
+        saved = sorted(self.manager.all_steps(), reverse=True)
+        if not saved:
             raise FileNotFoundError(
-                f"No checkpoint in {self.directory}; train first with `python -m navit_seq.main`."
+                f"No checkpoint in {self.directory}; train there first (`python -m "
+                f"navit_seq.main --config <recipe> --workdir {self.directory.parent}`) or pass "
+                "the --workdir of a trained run."
             )
+        if step is not None and step not in saved:
+            raise FileNotFoundError(
+                f"--step {step}: no checkpoint of that step in {self.directory}; it holds steps "
+                f"{sorted(saved)} (omit --step for the latest)."
+            )
+        steps = [step] if step is not None else saved
         for candidate in steps:
             try:
                 restored = self.manager.restore(
@@ -103,7 +111,10 @@ class Checkpointer:
                     raise
                 logging.warning("Checkpoint %s unreadable (%s); trying an older one.",
                                 self.path(candidate), error)  # fmt: skip
-        raise FileNotFoundError(f"No readable checkpoint in {self.directory}.")
+        raise FileNotFoundError(
+            f"No readable checkpoint in {self.directory} (the warnings above say why); train "
+            "again in a new --workdir."
+        )
 
     def wait(self) -> None:
         """Blocks until the last asynchronous save is on disk."""

@@ -577,3 +577,106 @@ def test_folder_without_annotations_raises_with_the_fix(tmp_path):
 def test_unknown_split_raises_listing_available(coco_dir, tmp_path):
     with pytest.raises(coco.CocoFormatError, match=r"\['test'\].*available: \['train', 'val'\]"):
         coco.coco_format_builder(coco_dir, str(tmp_path), splits=["test"])
+
+
+# ---------------------------------------------------------------- image folder layouts
+
+
+def _relaid_copy(coco_dir: str, tmp_path, image_path, file_name=None) -> str:
+    """A copy of the folder whose image `f` of split `s` lies at `image_path(copy, s, f)` and
+    whose image records say `file_name(copy, s, f)` (default: `f`, as in the fixture)."""
+    copy = str(tmp_path / "relaid")
+    shutil.copytree(os.path.join(coco_dir, "annotations"), os.path.join(copy, "annotations"))
+    for split in ("train", "val"):
+        for name in os.listdir(os.path.join(coco_dir, split)):
+            target = image_path(copy, split, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy(os.path.join(coco_dir, split, name), target)
+    for annotation_file in os.listdir(os.path.join(copy, "annotations")):
+        split = annotation_file.rsplit("_", 1)[1].removesuffix(".json")
+        path = os.path.join(copy, "annotations", annotation_file)
+        with open(path) as f:
+            content = json.load(f)
+        for record in content["images"]:
+            record["file_name"] = (file_name or (lambda c, s, f: f))(
+                copy, split, record["file_name"]
+            )
+        with open(path, "w") as f:
+            json.dump(content, f)
+    return copy
+
+
+LAYOUTS = {
+    # <coco_dir>/images/<split>/<file>, file_name "<file>"
+    "images_split": (lambda root, s, f: os.path.join(root, "images", s, f), None, "images/{s}"),
+    # The user's case: images/<split>/<file> with file_name "<split>/<file>".
+    "images_with_split_in_file_name": (
+        lambda root, s, f: os.path.join(root, "images", s, f),
+        lambda root, s, f: f"{s}/{f}",
+        "images",
+    ),
+    # <coco_dir>/<file>: every image next to annotations/.
+    "flat": (lambda root, s, f: os.path.join(root, f), None, ""),
+    # Absolute file_names pointing anywhere.
+    "absolute": (
+        lambda root, s, f: os.path.join(root + "_elsewhere", s, f),
+        lambda root, s, f: os.path.join(root + "_elsewhere", s, f),
+        "{s}",  # the first folder tried: an absolute file_name is found from any of them
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_images_are_found_in_each_supported_layout(coco_dir, tmp_path, layout):
+    image_path, file_name, expected_dir = LAYOUTS[layout]
+    copy = _relaid_copy(coco_dir, tmp_path, image_path, file_name)
+    builder = coco.coco_format_builder(copy, str(tmp_path / "tfds"), name="relaid")
+    for split in ("train", "val"):
+        plan = builder.plans[split]
+        assert plan.image_dir == os.path.join(copy, expected_dir.format(s=split)).rstrip("/")
+        for image in plan.images.values():
+            found = os.path.join(plan.image_dir, image["file_name"])
+            moved = image_path(copy, split, os.path.basename(image["file_name"]))
+            assert os.path.samefile(found, moved)
+
+
+def test_user_layout_builds_the_same_examples_as_the_split_folder_layout(built, coco_dir, tmp_path):
+    _, data_dir = built
+    image_path, file_name, _ = LAYOUTS["images_with_split_in_file_name"]
+    copy = _relaid_copy(coco_dir, tmp_path, image_path, file_name)
+    report = coco.build(copy, str(tmp_path / "tfds"), name="relaid", splits=["val"])
+    assert report["splits"]["val"]["image_dir"] == os.path.join(copy, "images")
+    got = tfds.data_source("relaid", split="val", data_dir=str(tmp_path / "tfds"))[0]
+    np.testing.assert_array_equal(got["image"], _records(data_dir, "val")[5]["image"])
+
+
+def test_image_dir_option_names_a_split_folder_anywhere(coco_dir, tmp_path):
+    elsewhere = str(tmp_path / "pictures")
+    copy = _relaid_copy(coco_dir, tmp_path, lambda root, s, f: os.path.join(elsewhere, s, f))
+    folders = {"train": os.path.join(elsewhere, "train"), "val": os.path.join(elsewhere, "val")}
+    builder = coco.coco_format_builder(copy, str(tmp_path / "tfds"), image_dirs=folders)
+    assert {split: plan.image_dir for split, plan in builder.plans.items()} == folders
+
+
+def test_images_in_no_folder_tried_raise_listing_the_folders_and_the_option(coco_dir, tmp_path):
+    copy = _relaid_copy(coco_dir, tmp_path, lambda root, s, f: os.path.join(root, "pics", s, f))
+    with pytest.raises(coco.CocoFormatError) as error:
+        coco.coco_format_builder(copy, str(tmp_path / "tfds"), splits=["val"])
+    message = str(error.value)
+    assert "split val: 1 of 1 image files are missing" in message
+    for folder in ("val", "images/val", "images", ""):
+        assert f"{os.path.join(copy, folder).rstrip('/')}/ (0 found)" in message
+    assert "--image-dir val=FOLDER" in message
+
+
+@pytest.mark.parametrize(
+    ("image_dirs", "expected"),
+    [
+        ({"test": "."}, r"--image-dir names splits \['test'\] that are not being built"),
+        ({"val": "/no/such/folder"}, r"--image-dir val=/no/such/folder: no such folder"),
+    ],
+    ids=["unknown_split", "missing_folder"],
+)
+def test_bad_image_dir_option_raises_naming_it(coco_dir, tmp_path, image_dirs, expected):
+    with pytest.raises(coco.CocoFormatError, match=expected):
+        coco.coco_format_builder(coco_dir, str(tmp_path / "tfds"), image_dirs=image_dirs)

@@ -1,5 +1,6 @@
 """Numpy data sources over prepared TFDS datasets (the session's tiny scene dataset)."""
 
+import logging
 import pickle
 
 import grain
@@ -104,3 +105,13 @@ def test_unknown_split_is_refused_listing_the_splits(scenes_data_dir):
 def test_missing_dataset_is_refused_with_the_build_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m navit_seq.data.build"):
         sources.data_source("no_such_dataset", "train", tmp_path)
+
+
+def test_tfds_opencv_warning_is_dropped_and_other_absl_warnings_kept():
+    absl_logger = logging.getLogger("absl")
+    record = lambda message: absl_logger.makeRecord(
+        "absl", logging.WARNING, "f", 1, message, (), None
+    )
+    opencv = "OpenCV is not installed. We recommend using OpenCV because it is faster ..."
+    assert not absl_logger.filter(record(opencv))
+    assert absl_logger.filter(record("Checkpoint 7 unreadable"))

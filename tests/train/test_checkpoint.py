@@ -123,3 +123,12 @@ def test_no_checkpoint_means_start_from_scratch(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint in"):
         checkpointer.restore_state(None, trainer.abstract_state)
     checkpointer.close()
+
+
+def test_restoring_a_step_that_was_not_saved_names_the_saved_steps(trained, tmp_path):
+    trainer, state, batches = trained
+    checkpointer = checkpoint_lib.Checkpointer(tmp_path, every_steps=1, asynchronous=False)
+    checkpointer.save(2, state, batches)
+    with pytest.raises(FileNotFoundError, match=r"--step 5: no checkpoint .* holds steps \[2\]"):
+        checkpointer.restore_state(5, trainer.abstract_state)
+    checkpointer.close()

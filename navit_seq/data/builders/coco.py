@@ -7,8 +7,12 @@ Serves COCO 2017 as downloaded from cocodataset.org and any dataset in COCO form
     <coco_dir>/annotations/captions_<split>.json          captions, by image id
     <coco_dir>/<split>/<file_name>                        images (e.g. train2017/, val2017/)
 
-Splits are discovered from those file names; any of the three files may be missing for a
-split. An image listed in any file of a split is an example (images without annotations, or
+Images may also be in <coco_dir>/images/<split>/, <coco_dir>/images/ or <coco_dir>/ itself
+(each image record's `file_name` is relative to one of these; an absolute one is used as it
+is): a split's folder is the first of those that holds every one of its files, or the one
+named by `image_dirs={split: folder}` (`--image-dir SPLIT=FOLDER` on the command line).
+Splits are discovered from the annotation file names; any of the three files may be missing
+for a split. An image listed in any file of a split is an example (images without annotations, or
 listed only in the captions file, have no objects). Image files are stored as they are (no
 re-encoding) unless their pixel mode is not RGB/greyscale; those are converted to RGB PNG
 (lossless) and counted under `adjusted/reencoded_image`. Classes are the union of the
@@ -82,6 +86,7 @@ class SplitReport:
     """What one split contributed: counts, counted skips and adjustments by reason."""
 
     annotation_files: list[str] = dataclasses.field(default_factory=list)
+    image_dir: str = ""  # the folder the split's file_names were found under
     images: int = 0
     annotations: int = 0
     captions: int = 0
@@ -99,6 +104,7 @@ class SplitReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "annotation_files": self.annotation_files,
+            "image_dir": self.image_dir,
             "images": self.images,
             "annotations": self.annotations,
             "captions": self.captions,
@@ -408,8 +414,49 @@ def _check_same_object(instance: dict, person: dict, path: str) -> None:
             )
 
 
-def load_split(coco_dir: str, split: str) -> SplitPlan:
-    """Reads and validates one split's annotation files (see the module docstring)."""
+def image_dir_candidates(coco_dir: str, split: str) -> list[str]:
+    """The folders a split's relative `file_name`s may be relative to, in the order tried."""
+    return [
+        os.path.join(coco_dir, split),
+        os.path.join(coco_dir, "images", split),
+        os.path.join(coco_dir, "images"),
+        coco_dir,
+    ]
+
+
+def resolve_image_dir(
+    coco_dir: str, split: str, images: Mapping[int, dict], image_dir: str | None = None
+) -> str:
+    """The first candidate folder (or `image_dir`, if given) holding every image file of the
+    split; raises naming the folders tried, how many files each holds, and the option to use."""
+    candidates = [image_dir] if image_dir else image_dir_candidates(coco_dir, split)
+    missing_by_folder = {}
+    for folder in candidates:
+        missing = [
+            (image_id, os.path.join(folder, image["file_name"]))
+            for image_id, image in sorted(images.items())
+            if not os.path.isfile(os.path.join(folder, image["file_name"]))
+        ]
+        if not missing:
+            return folder
+        missing_by_folder[folder] = missing
+    looked = "; ".join(
+        f"{folder}/ ({len(images) - len(missing)} found)"
+        for folder, missing in missing_by_folder.items()
+    )
+    fewest = min(missing_by_folder.values(), key=len)
+    shown = ", ".join(f"{file} (image id {image_id})" for image_id, file in fewest[:5])
+    raise CocoFormatError(
+        f"split {split}: {len(fewest)} of {len(images)} image files are missing, e.g. {shown}; "
+        f"looked for each file_name under {looked}. Put the images there (COCO 2017: unzip "
+        f"{split}.zip inside coco_dir) or pass --image-dir {split}=FOLDER naming the folder the "
+        "file_names are relative to."
+    )
+
+
+def load_split(coco_dir: str, split: str, image_dir: str | None = None) -> SplitPlan:
+    """Reads and validates one split's annotation files (see the module docstring); its images
+    are looked up in `image_dir` if given, else in `image_dir_candidates`."""
     report = SplitReport()
     cocos: dict[str, COCO] = {}
     for kind in ANNOTATION_KINDS:
@@ -470,24 +517,13 @@ def load_split(coco_dir: str, split: str) -> SplitPlan:
             captions[annotation["image_id"]].append(text.strip())
             report.captions += 1
 
-    image_dir = os.path.join(coco_dir, split)
-    missing = [
-        (image_id, os.path.join(image_dir, image["file_name"]))
-        for image_id, image in sorted(images.items())
-        if not os.path.isfile(os.path.join(image_dir, image["file_name"]))
-    ]
-    if missing:
-        shown = ", ".join(f"{file} (image id {image_id})" for image_id, file in missing[:5])
-        raise CocoFormatError(
-            f"split {split}: {len(missing)} of {len(images)} image files are missing, e.g. "
-            f"{shown}; the images of split {split} must be in {image_dir}/ (for COCO 2017, unzip "
-            f"{split}.zip inside coco_dir)."
-        )
     if not images:
         raise CocoFormatError(
             f"split {split}: {', '.join(report.annotation_files)} list no images; add image "
             "records under 'images' or remove the files."
         )
+    image_dir = resolve_image_dir(coco_dir, split, images, image_dir)
+    report.image_dir = os.path.abspath(image_dir)
     report.images = len(images)
     return SplitPlan(split, image_dir, images, dict(per_image), dict(captions), categories, report)
 
@@ -698,8 +734,13 @@ def coco_format_builder(
     name: str = "coco_format",
     splits: Sequence[str] | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    image_dirs: Mapping[str, str] | None = None,
 ) -> CocoFormatBuilder:
-    """Validates the folder's splits and returns a builder whose dataset is called `name`."""
+    """Validates the folder's splits and returns a builder whose dataset is called `name`.
+
+    `image_dirs`: {split: folder its file_names are relative to} for splits whose images are
+    in none of `image_dir_candidates`.
+    """
     common.check_dataset_name(name, CocoFormatError)
     available = discover_splits(coco_dir)
     badly_named = [split for split in splits or available if not re.fullmatch(r"\w+", split)]
@@ -715,7 +756,20 @@ def coco_format_builder(
             f"splits {unknown} have no annotation file in {coco_dir}/annotations; "
             f"available: {available}."
         )
-    plans = {split: load_split(coco_dir, split) for split in splits}
+    image_dirs = dict(image_dirs or {})
+    not_built = sorted(set(image_dirs) - set(splits))
+    if not_built:
+        raise CocoFormatError(
+            f"--image-dir names splits {not_built} that are not being built; the splits are "
+            f"{splits} (from {coco_dir}/annotations/*_<split>.json)."
+        )
+    for split, folder in image_dirs.items():
+        if not os.path.isdir(folder):
+            raise CocoFormatError(
+                f"--image-dir {split}={folder}: no such folder; name the folder that holds "
+                f"split {split}'s images."
+            )
+    plans = {split: load_split(coco_dir, split, image_dirs.get(split)) for split in splits}
     categories: dict[int, dict] = {}
     for plan in plans.values():
         for category in plan.categories.values():
@@ -750,14 +804,16 @@ def build(
     name: str = "coco_format",
     splits: Sequence[str] | None = None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
+    image_dirs: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Builds the COCO-format folder as TFDS dataset `name` in `data_dir` (ArrayRecord).
 
-    Returns the report (per split: images, annotations, captions, counted skips and
-    adjustments by reason), also written as `build_report.json` in the dataset's folder next
-    to the SentencePiece model trained on its text. An existing build is reused, not redone.
+    Returns the report (per split: the image folder, images, annotations, captions, counted
+    skips and adjustments by reason), also written as `build_report.json` in the dataset's
+    folder next to the SentencePiece model trained on its text. An existing build is reused,
+    not redone. `image_dirs`: see `coco_format_builder`.
     """
     builder = coco_format_builder(
-        coco_dir, data_dir, name=name, splits=splits, vocab_size=vocab_size
+        coco_dir, data_dir, name=name, splits=splits, vocab_size=vocab_size, image_dirs=image_dirs
     )
     return common.prepare_and_report(builder, name, CocoFormatError)
