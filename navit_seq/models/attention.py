@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from navit_seq.kernels.segment_attention import segment_attention
 from navit_seq.models.partitioning import constrain, layer_norm, param
 
 # Implementations of attention under an arbitrary boolean mask (decoder, MAP head).
@@ -50,7 +49,11 @@ def segment_self_attention(
     if segment_ids is None:
         return masked_attention(query, key, value, jnp.ones((1, 1, 1, 1), bool))
     if impl == "fused_cpu":
-        return segment_attention(query, key, value, segment_ids)
+        # Imported on first use: the kernel module builds its custom_partitioning rules (and,
+        # when called, compiles C++) at import, which no "xla" run should pay for.
+        from navit_seq.kernels import segment_attention as fused
+
+        return fused.segment_attention(query, key, value, segment_ids)
     return masked_attention(query, key, value, segment_attend_mask(segment_ids), impl)
 
 

@@ -1,5 +1,8 @@
 """Segment-masked attention against a float64 numpy masked softmax."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +106,21 @@ def test_width_that_does_not_split_into_heads_is_a_clear_error(module):
     extra = {"impl": "xla"} if module is SelfAttention else {}
     with pytest.raises(ValueError, match="width 10 is not divisible by num_heads 3"):
         module(*args, **common, **extra, rngs=nnx.Rngs(0))
+
+
+def test_xla_models_never_import_the_cpu_kernel():
+    """The fused_cpu kernel module (custom_partitioning objects built at import, C++ compiled
+    on first call) loads only when attention_impl="fused_cpu" runs."""
+    code = (
+        "import sys, jax.numpy as jnp; from flax import nnx\n"
+        "from navit_seq.models import navit, pix2seq, text, two_tower\n"
+        "from navit_seq.models.attention import SelfAttention\n"
+        "m = SelfAttention(8, 2, qk_norm=False, use_bias=False, impl='xla',"
+        " dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))\n"
+        "m(jnp.zeros((1, 4, 8)), jnp.ones((1, 4), jnp.int32))\n"
+        "print('navit_seq.kernels.segment_attention' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
