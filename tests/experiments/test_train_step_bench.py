@@ -135,7 +135,9 @@ def test_unmasked_forward_equals_the_model_on_one_full_segment_per_row(
     _randomize_head(model)
     expected = np.asarray(train_step.packed_logits(model, fixed))[:, 0]
     actual = np.asarray(train_step.unmasked_logits(model, fixed))[:, 0]
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    # atol 1e-5: the fused kernel sums in another order than XLA's dense attention, and a
+    # logit near 0 among logits of size ~4 differed by 1.5e-6 in one CI-like run (load 7).
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
     assert np.abs(expected).max() > 1e-3  # a zero head would make the comparison vacuous
 
 
