@@ -51,12 +51,14 @@ class DecoderMemory(nnx.Module):
         self.projection = nnx.Linear(
             encoder_width, width, use_bias=decoder.use_bias, dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=partitioned(nnx.initializers.xavier_uniform(), ("embed", "mlp")),
-            bias_init=partitioned(nnx.initializers.zeros, ("mlp",)),
+            # Input and output are both model widths; the output carries the decoder's "embed"
+            # (one logical name may shard only one dimension of a kernel).
+            kernel_init=partitioned(nnx.initializers.xavier_uniform(), (None, "embed")),
+            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
             rngs=rngs,
         )  # fmt: skip
         norm = lambda: layer_norm(
-            width, "mlp", use_bias=decoder.use_bias, dtype=dtype, param_dtype=param_dtype,
+            width, "embed", use_bias=decoder.use_bias, dtype=dtype, param_dtype=param_dtype,
             rngs=rngs,
         )  # fmt: skip
         self.projection_norm = norm()
@@ -86,6 +88,8 @@ class Pix2Seq(nnx.Module):
                 "config.model has no `decoder` section; start from "
                 "navit_seq.models.pix2seq.default_pix2seq_config()."
             )
+        # A config.json saved before `memory` existed describes a model that read the encoder
+        # tokens directly: its checkpoints restore with "encoder".
         memory = config.decoder.get("memory", "encoder")
         if memory not in MEMORIES:
             raise ValueError(f"model.decoder.memory={memory!r} is not one of {MEMORIES}.")

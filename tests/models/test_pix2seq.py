@@ -2,6 +2,7 @@
 packed rows vs each image encoded alone, gradients to both parts, clear errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -117,4 +118,39 @@ def test_batch_without_decoder_rows_raises_naming_the_fix(model):
     config = tiny_config()
     del config["decoder"]
     with pytest.raises(ValueError, match="default_pix2seq_config"):
+        Pix2Seq(config, rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def memory_of(model: Pix2Seq, batch):
+    return model.encode(batch, deterministic=True)
+
+
+def test_encoder_memory_is_the_encoder_tokens_and_projected_memory_knows_positions():
+    batch = pack(random_images(), PACKING, ROW_SLOT, decoder_input())
+    config = tiny_config()
+    config.decoder.memory = "encoder"
+    outputs = memory_of(Pix2Seq(config, rngs=nnx.Rngs(0)), batch)
+    np.testing.assert_array_equal(outputs["memory"], outputs["tokens"])
+
+    projected = Pix2Seq(tiny_config(), rngs=nnx.Rngs(0))  # default: "projected"
+    memory = np.asarray(memory_of(projected, batch)["memory"])  # [B, L, D_dec]
+    assert not memory[batch["segment_ids"] == 0].any()  # padding tokens stay zero
+    # Identical encoder tokens everywhere: what differs between memory tokens is the memory's
+    # own position embedding, in fractional coordinates (patch (0, 0) is 0 in every grid).
+    constant = jnp.ones(memory.shape[:2] + (32,), jnp.float32)  # [B, L, D_enc]
+    memory = np.asarray(projected.memory(constant, batch))
+    segments, coords = batch["segment_ids"], batch["patch_coords"]
+    first = (segments > 0) & (coords == 0).all(-1)  # [B, L]: patch (0, 0) of each image
+    assert first.sum() == 4
+    np.testing.assert_allclose(memory[first], np.broadcast_to(memory[first][0], (4, 32)),
+                               atol=1e-5)  # fmt: skip
+    image = segments[0] == 1
+    assert np.ptp(memory[0, image], axis=0).max() > 0.1
+
+
+def test_unknown_memory_kind_raises_naming_the_choices():
+    config = tiny_config()
+    config.decoder.memory = "pooled"
+    with pytest.raises(ValueError, match=r"model.decoder.memory='pooled'.*encoder.*projected"):
         Pix2Seq(config, rngs=nnx.Rngs(0))
