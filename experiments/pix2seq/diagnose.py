@@ -6,7 +6,7 @@
 After `num_train_steps` steps (no checkpoints) it measures, on the evaluation split:
 - the teacher-forced token loss with the real images and with every patch set to mid-grey
   (positions, sizes and packing kept): equal losses mean the decoder ignores the pixels;
-- the gradient norm reaching the encoder's parameters vs the decoder's on one train batch;
+- the gradient norm reaching each part (encoder, memory, decoder) on one train batch;
 - bbox AP / AP50 of `config.evaluation` on the first `ap_images` validation images.
 Prints one JSON line last.
 """
@@ -35,11 +35,11 @@ def _blank(batch: dict) -> dict:
     return {**batch, "patches": np.full_like(batch["patches"], MID_GREY)}
 
 
-def _eval_loss(trainer, state, objective, transform) -> dict[str, float]:
+def _eval_loss(trainer, state, objective, num_batches, transform) -> dict[str, float]:
     batches = []
     iterator = iter(objective.eval_iterator())
     try:
-        for _ in range(EVAL_BATCHES.value):
+        for _ in range(num_batches):
             batches.append(transform(next(iterator)))
     except StopIteration:
         pass
@@ -50,6 +50,7 @@ def _eval_loss(trainer, state, objective, transform) -> dict[str, float]:
 
 
 def _grad_norms(trainer, state, objective, batch) -> dict[str, float]:
+    """Gradient norm of the token loss per top-level part (encoder, memory, decoder)."""
     model = nnx.merge(trainer.graphdef, state.params, state.model_state)
 
     def loss_fn(model):
@@ -57,17 +58,12 @@ def _grad_norms(trainer, state, objective, batch) -> dict[str, float]:
         return loss_sum / weight_sum
 
     with trainer.context():
-        grads = nnx.grad(loss_fn)(model)
-    return {
-        part: float(optax.global_norm(nnx.state(getattr(grads, part))))
-        for part in ("encoder", "decoder")
-    }
+        grads = nnx.state(nnx.grad(loss_fn)(model))
+    return {part: float(optax.global_norm(grads[part])) for part in grads}
 
 
-def main(argv):
-    del argv
-    config = config_utils.validated_config()
-    cpu_runtime.prepare_process_for_training()
+def diagnose(config, eval_batches: int, ap_images: int) -> dict:
+    """Trains `config.num_train_steps` steps in this process, then measures (module docstring)."""
     objective = main_lib.objective_for(config)
     trainer = loop.Trainer(config, objective)
     state = trainer.init_state()
@@ -85,23 +81,31 @@ def main(argv):
         grads = _grad_norms(trainer, state, objective, batch)
     finally:
         loop.close_iterator(train_iter)
-    train_seconds = time.perf_counter() - started
     result = {
         "steps": config.num_train_steps,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(time.perf_counter() - started, 1),
         "train_loss_history": history,
-        "eval_loss_real_images": _eval_loss(trainer, state, objective, lambda b: b),
-        "eval_loss_grey_images": _eval_loss(trainer, state, objective, _blank),
+        "eval_loss_real_images": _eval_loss(trainer, state, objective, eval_batches, lambda b: b),
+        "eval_loss_grey_images": _eval_loss(trainer, state, objective, eval_batches, _blank),
         "grad_norm": grads,
     }
-    if AP_IMAGES.value and objective.evaluate_split is not None:
-        with config.unlocked():
-            config.evaluation.num_images = AP_IMAGES.value
+    if ap_images and objective.evaluate_split is not None:
+        config = config.copy_and_resolve_references()
+        config.evaluation.num_images = ap_images
         started = time.perf_counter()
-        split = trainer.split_metrics(state, config.num_train_steps)
+        model = nnx.merge(trainer.graphdef, state.params, state.model_state)
+        with trainer.context():
+            split = main_lib.objective_for(config).evaluate_split(model, config.num_train_steps)
         result["eval_seconds"] = round(time.perf_counter() - started, 1)
         result["split_metrics"] = {k: round(float(v), 4) for k, v in split.items()}
-    print(json.dumps(result))
+    return result
+
+
+def main(argv):
+    del argv
+    config = config_utils.validated_config()
+    cpu_runtime.prepare_process_for_training()
+    print(json.dumps(diagnose(config, EVAL_BATCHES.value, AP_IMAGES.value)))
 
 
 if __name__ == "__main__":
