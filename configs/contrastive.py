@@ -11,8 +11,8 @@ Eval reports the loss and image<->text retrieval recall@1/5/10 on the validation
 import ml_collections
 
 from navit_seq import config_utils
-from navit_seq.data.pipeline import default_data_config
 from navit_seq.models.two_tower import default_two_tower_config
+from navit_seq.pipeline import default_data_config
 from navit_seq.sharding import default_distributed_config, default_mesh_config
 from navit_seq.train.contrastive import default_loss_config
 from navit_seq.train.optimizer import default_optimizer_config

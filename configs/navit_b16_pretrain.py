@@ -12,8 +12,8 @@ the paper does not state in the digest this project works from.
 import ml_collections
 
 from navit_seq import config_utils
-from navit_seq.data.pipeline import default_data_config
 from navit_seq.models.navit import default_model_config
+from navit_seq.pipeline import default_data_config
 from navit_seq.sharding import default_distributed_config, default_mesh_config
 from navit_seq.train.optimizer import default_optimizer_config
 

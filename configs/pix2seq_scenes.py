@@ -14,9 +14,9 @@ logged as `loss/<task>` in WORKDIR/metrics.jsonl. The paper-scale COCO recipe is
 import ml_collections
 
 from navit_seq import config_utils
-from navit_seq.data.pipeline import default_data_config
 from navit_seq.inference import default_evaluation_config
 from navit_seq.models.pix2seq import default_pix2seq_config
+from navit_seq.pipeline import default_data_config
 from navit_seq.sharding import default_distributed_config, default_mesh_config
 from navit_seq.train.optimizer import default_optimizer_config
 from navit_seq.train.sequence import default_loss_config

@@ -12,8 +12,8 @@ Values marked (paper) come from the paper / its reference code; (assumed) are no
 import ml_collections
 
 from navit_seq import config_utils
-from navit_seq.data.pipeline import default_data_config
 from navit_seq.models.pix2seq import default_pix2seq_config
+from navit_seq.pipeline import default_data_config
 from navit_seq.sharding import default_distributed_config, default_mesh_config
 from navit_seq.train.optimizer import default_optimizer_config
 from navit_seq.train.sequence import default_loss_config

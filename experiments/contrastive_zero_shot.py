@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from navit_seq.data import pipeline
+from navit_seq import pipeline
 from navit_seq.train import checkpoint as checkpoint_lib
 from navit_seq.train import contrastive, loop
 

@@ -31,6 +31,7 @@ from navit_seq import decode
 from navit_seq.data import patches, resolution
 from navit_seq.tasks.keypoints import NUM_KEYPOINTS, RESPONSE_LENGTH, crop_image
 from navit_seq.tasks.segmentation import polygons_to_rle
+from navit_seq.tasks.sequence import sequence_tasks
 
 
 def default_evaluation_config() -> ml_collections.ConfigDict:
@@ -89,7 +90,6 @@ class Predictor:
 
     def __init__(self, config: ml_collections.ConfigDict, model: Any):
         from navit_seq.data import sources
-        from navit_seq.train import sequence
 
         self.model = model
         self.data = config.data
@@ -99,7 +99,7 @@ class Predictor:
                 f"data.eval_max_tokens={self.data.eval_max_tokens} > data.seq_len="
                 f"{self.data.seq_len}: inference packs one image per row; lower eval_max_tokens."
             )
-        self.tasks = {task.name: task.codec for task in sequence.sequence_tasks(config.data)}
+        self.tasks = {task.name: task.codec for task in sequence_tasks(config.data)}
         if self.options.use_gt_boxes is False and (
             {"segmentation", "keypoints"} & set(self.tasks) and "detection" not in self.tasks
         ):

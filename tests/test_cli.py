@@ -27,7 +27,7 @@ HELP = {
     "navit_seq.data.build coco --help": ["--coco-dir", "--data-dir", "--name", "--image-dir",
                                          "--show", "--verbose"],
     "navit_seq.data.build scenes --help": ["--data-dir", "--train-size", "--num-workers"],
-    "navit_seq.data.inspect --help": ["--config", "--image-sizes", "--num-batches", "--eval",
+    "navit_seq.inspect --help": ["--config", "--image-sizes", "--num-batches", "--eval",
                                       "--output", "--rows-shown", "--verbose"],
     "navit_seq.quickstart --help": ["--data-dir", "--workdir", "--config", "--verbose"],
 }  # fmt: skip

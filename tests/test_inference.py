@@ -52,11 +52,11 @@ def test_average_masks_keeps_pixels_set_in_at_least_half_the_samples():
 
 def test_codec_grammars_allow_end_only_where_a_response_may_stop(recipe_and_model):
     """Detection decodes to the row's full length (every group a box, Pix2Seq's inference)."""
+    from navit_seq.tasks.sequence import sequence_tasks
     from navit_seq.tasks.vocab import END, Vocab
-    from navit_seq.train import sequence
 
     config, _ = recipe_and_model
-    codecs = {task.name: task.codec for task in sequence.sequence_tasks(config.data)}
+    codecs = {task.name: task.codec for task in sequence_tasks(config.data)}
     vocab = codecs["detection"].vocab
     coord, label = vocab.coord_offset + 7, Vocab.CLASS_OFFSET + 2
     detection = codecs["detection"].grammar()  # [5, V]
@@ -100,10 +100,10 @@ def test_untrained_model_gives_well_formed_predictions_of_every_task(recipe_and_
 def test_every_decoded_group_is_a_box_even_where_the_model_prefers_fake(recipe_and_model):
     """An untrained model puts most mass on FAKE/END; detection still returns one box per group,
     the most likely real class, scored by its (small) unconstrained probability."""
-    from navit_seq.train import sequence
+    from navit_seq.tasks.sequence import sequence_tasks
 
     config, model = recipe_and_model
-    (detection,) = [t.codec for t in sequence.sequence_tasks(config.data) if t.name == "detection"]
+    (detection,) = [t.codec for t in sequence_tasks(config.data) if t.name == "detection"]
     predictions = inference.Predictor(config, model).predict(inference.evaluation_examples(config))
     for prediction in predictions:
         assert len(prediction["labels"]) == detection.capacity

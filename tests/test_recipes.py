@@ -3,9 +3,10 @@ arguments parse or fail naming the bad item."""
 
 import pytest
 
-from navit_seq import config_utils
-from navit_seq.data import mixing, pipeline
+from navit_seq import config_utils, pipeline
+from navit_seq.data import mixing
 from navit_seq.models import decoder
+from navit_seq.tasks.sequence import sequence_tasks
 from navit_seq.train import sequence
 
 SCENES = "configs/pix2seq_scenes.py"
@@ -50,7 +51,7 @@ def test_scenes_recipe_resolves_its_decoder_vocabulary_on_the_scene_dataset(scen
     config = config_utils.load_config_file(f"{SCENES}:data_dir={scenes_data_dir}")
     sequence.resolve_config(config)
     assert config.model.decoder.vocab_size == max(
-        task.vocab.size for task in sequence.sequence_tasks(config.data)
+        task.vocab.size for task in sequence_tasks(config.data)
     )
     assert sequence.task_ids(config).keys() == ALL_TASKS
 

@@ -17,7 +17,7 @@ import json
 import os
 import platform
 
-from navit_seq.data import inspect, pipeline
+from navit_seq import inspect, pipeline
 
 
 def main() -> None:

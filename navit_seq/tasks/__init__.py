@@ -52,3 +52,12 @@ def get_task(config: ml_collections.ConfigDict) -> Task:
         raise ValueError(f"data.task.name={config.name!r}; registered tasks: {list(_TASKS)}.")
     module_name, class_name = _TASKS[config.name]
     return getattr(importlib.import_module(module_name), class_name)(config)
+
+
+def task_config(data_config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """`data.task` with `name`, plus where the dataset lives (class names, tokenizer)."""
+    task = ml_collections.ConfigDict(data_config.task.to_dict())
+    task.name = name
+    task.dataset = data_config.name
+    task.data_dir = data_config.data_dir
+    return task

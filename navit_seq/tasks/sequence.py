@@ -21,6 +21,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from navit_seq import tasks
+from navit_seq.data import mixing
 from navit_seq.data.packing import RaggedSpec
 from navit_seq.tasks.captioning import CaptioningTask
 from navit_seq.tasks.detection import DetectionTask
@@ -186,3 +188,17 @@ def captioning(config: ml_collections.ConfigDict) -> SequenceTask:
         vocab_from_config(config), Tokenizer(path), **task_options(config, CaptioningTask)
     )
     return SequenceTask("captioning", 4, codec)
+
+
+def sequence_tasks(data_config: ml_collections.ConfigDict) -> list[SequenceTask]:
+    """The recipe's tasks (`data.task` / `data.tasks`), each checked to be a sequence task."""
+    built = []
+    for name, _ in mixing.task_weights(data_config):
+        task = tasks.get_task(tasks.task_config(data_config, name))
+        if not isinstance(task, SequenceTask):
+            raise ValueError(
+                f"data task {name!r} is not a sequence task; the sequence trainer takes "
+                "detection, segmentation, keypoints and captioning."
+            )
+        built.append(task)
+    return built

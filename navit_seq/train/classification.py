@@ -14,7 +14,7 @@ import ml_collections
 from clu import metrics as clu_metrics
 from flax import nnx
 
-from navit_seq.data import pipeline
+from navit_seq import pipeline
 from navit_seq.losses import classification as losses
 from navit_seq.train.loop import MetricDict, Objective
 

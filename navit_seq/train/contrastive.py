@@ -26,8 +26,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 from flax import nnx
 
-from navit_seq import sharding
-from navit_seq.data import pipeline
+from navit_seq import pipeline, sharding
 from navit_seq.evaluation import retrieval
 from navit_seq.losses import contrastive as losses
 from navit_seq.train.loop import MetricDict, Objective, close_iterator, model_inputs
@@ -167,9 +166,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> None:
 def task_of(config: ml_collections.ConfigDict):
     """The recipe's `image_text` task (its tokenizer tokenizes captions and prompts alike)."""
     from navit_seq import tasks
-    from navit_seq.data import pipeline
 
-    return tasks.get_task(pipeline.task_config(config.data, config.data.task.name))
+    return tasks.get_task(tasks.task_config(config.data, config.data.task.name))
 
 
 def model_fn(config: ml_collections.ConfigDict):

@@ -20,8 +20,9 @@ import ml_collections
 from clu import metrics as clu_metrics
 from flax import nnx
 
-from navit_seq.data import pipeline
+from navit_seq import inference, pipeline
 from navit_seq.losses import sequence as losses
+from navit_seq.tasks.sequence import sequence_tasks
 from navit_seq.train.loop import MetricDict, Objective
 
 
@@ -37,23 +38,6 @@ class WeightedAverage(clu_metrics.Average):
 
     def compute(self) -> jax.Array:
         return jnp.where(self.count > 0, self.total / jnp.maximum(self.count, 1e-9), 0.0)
-
-
-def sequence_tasks(data_config: ml_collections.ConfigDict) -> list:
-    """The recipe's tasks (each checked to emit decoder rows)."""
-    from navit_seq import tasks
-    from navit_seq.data import mixing, pipeline
-
-    built = []
-    for name, _ in mixing.task_weights(data_config):
-        task = tasks.get_task(pipeline.task_config(data_config, name))
-        if not hasattr(task, "vocab"):
-            raise ValueError(
-                f"data task {name!r} is not a sequence task; the sequence trainer takes "
-                "detection, segmentation, keypoints and captioning."
-            )
-        built.append(task)
-    return built
 
 
 def task_ids(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -151,8 +135,6 @@ def split_evaluation(config: ml_collections.ConfigDict):
 
     def evaluate_split(model: nnx.Module, step: int) -> dict[str, float]:
         del step  # the same images every time, so values compare across steps
-        from navit_seq import inference
-
         return inference.evaluate_split(config, model)
 
     return evaluate_split

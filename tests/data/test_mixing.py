@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from navit_seq.data import mixing, pipeline, sources
+from navit_seq import pipeline
+from navit_seq.data import mixing, sources
 
 WEIGHTS = (("detection", 0.2), ("segmentation", 0.5), ("captioning", 0.3))
 TASK_IDS = {"detection": 1, "segmentation": 2, "captioning": 4}

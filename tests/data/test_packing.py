@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from navit_seq.data import packing, patches, pipeline, token_drop
+from navit_seq import pipeline
+from navit_seq.data import packing, patches, token_drop
 
 PATCH, SEQ_LEN, ROWS, SLOTS = 8, 64, 4, 4
 NUM_IMAGES, NUM_CLASSES = 60, 6

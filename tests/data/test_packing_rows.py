@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from test_packing import element
 
-from navit_seq.data import packing, patches, pipeline, sources
+from navit_seq import pipeline
+from navit_seq.data import packing, patches, sources
 from navit_seq.tasks import image_text, keypoints, sequence
 
 T = 6  # decoder row length in the hand-made elements

@@ -4,8 +4,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from navit_seq import tasks
-from navit_seq.data import pipeline, sources
+from navit_seq import pipeline, tasks
+from navit_seq.data import sources
 from navit_seq.data.text import Tokenizer
 from navit_seq.tasks import captioning, detection, keypoints, segmentation
 

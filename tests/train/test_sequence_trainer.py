@@ -107,11 +107,10 @@ def sequence_recipe(data_dir: str) -> ml_collections.ConfigDict:
 
 def test_recipe_fills_the_decoder_vocabulary_from_the_tasks(scenes_data_dir):
     from navit_seq import tasks
-    from navit_seq.data import pipeline
 
     config = sequence_recipe(scenes_data_dir)
     sequence.resolve_config(config)
-    task = tasks.get_task(pipeline.task_config(config.data, "captioning"))
+    task = tasks.get_task(tasks.task_config(config.data, "captioning"))
     assert config.model.decoder.vocab_size == task.vocab.size
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from navit_seq.data import pipeline
+from navit_seq import pipeline
 
 NUM_CLASSES = 3
 
@@ -123,7 +123,7 @@ def test_zero_size_image_raises_naming_the_example():
 
 
 def test_inspect_measures_packing_and_draws_rows(tmp_path):
-    from navit_seq.data import inspect
+    from navit_seq import inspect
 
     config = small_config()
     source = inspect.SyntheticImages([(30, 50), (64, 20), (8, 8), (100, 100)] * 5)

@@ -1,12 +1,12 @@
-"""`python -m navit_seq.data.inspect`: packing statistics of a data config, and a picture.
+"""`python -m navit_seq.inspect`: packing statistics of a data config, and a picture.
 
 Runs the input pipeline of a config (a recipe with `.data`, or a data config; default:
-`navit_seq/data/pipeline.py`) for some batches and prints padding fraction, images per sequence,
+`navit_seq/pipeline.py`) for some batches and prints padding fraction, images per sequence,
 resized / dropped examples, dropped tokens and the pipeline's batches/s, then one JSON line.
 It saves a picture of a few packed rows, each patch tinted by its image (segment).
 
-    python -m navit_seq.data.inspect --config configs/quickstart.py --num-batches 50
-    python -m navit_seq.data.inspect --image-sizes /work/shared/bench/navit_s16_train.json \\
+    python -m navit_seq.inspect --config configs/quickstart.py --num-batches 50
+    python -m navit_seq.inspect --image-sizes /work/shared/bench/navit_s16_train.json \\
         --config.resolution.kind=native
 
 `--image-sizes FILE` (a JSON with "images": [[height, width], ...], like the shared benchmark
@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from navit_seq import cli, config_utils
-from navit_seq.data import packing, pipeline
+from navit_seq import cli, config_utils, pipeline
+from navit_seq.data import packing
 
 # Raw counters already summarized by `packing.summarize_stats`.
 _DERIVED_FROM = (

@@ -63,7 +63,7 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Lets a command line name this module as its config: `--config navit_seq/data/pipeline.py`."""
+    """Lets a command line name this module as its config: `--config navit_seq/pipeline.py`."""
     return default_data_config()
 
 
@@ -190,15 +190,6 @@ def host_seed(seed: int, process_index: int, *stream: int) -> int:
     return int(np.random.SeedSequence([seed, process_index, *stream]).generate_state(1)[0])
 
 
-def task_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """`data.task` with `name`, plus where the dataset lives (class names, tokenizer)."""
-    task = ml_collections.ConfigDict(config.task.to_dict())
-    task.name = name
-    task.dataset = config.name
-    task.data_dir = config.data_dir
-    return task
-
-
 def _task_ragged_specs(
     task: tasks.Task, config: ml_collections.ConfigDict
 ) -> tuple[packing.RaggedSpec, ...]:
@@ -241,7 +232,7 @@ def per_image_dataset(
     """
     weights = dict(mixing.task_weights(config))
     task_names = list(weights) if task_names is None else list(task_names)
-    task_list = [tasks.get_task(task_config(config, name)) for name in task_names]
+    task_list = [tasks.get_task(tasks.task_config(config, name)) for name in task_names]
     seed = host_seed(config.seed, process_index, *stream)
     ds = grain.MapDataset.source(source)
     ds = ds.map_with_index(AddIndex("example_id"))  # the record's index in the whole source
@@ -290,7 +281,7 @@ def make_dataset(
     validate_data_config(config, process_count)
     weights = mixing.task_weights(config)
     if train and len(weights) > 1 and config.mixing == "batch":
-        all_tasks = [tasks.get_task(task_config(config, name)) for name, _ in weights]
+        all_tasks = [tasks.get_task(tasks.task_config(config, name)) for name, _ in weights]
         packers = [
             _packed_dataset(
                 source, config, train, process_index, process_count, [name], (k,), all_tasks
@@ -300,7 +291,7 @@ def make_dataset(
         # The same draw on every host: a global batch is one task across all hosts.
         return mixing.BatchMixIterDataset(packers, [w for _, w in weights], config.seed)
     names = [name for name, _ in weights]
-    all_tasks = [tasks.get_task(task_config(config, name)) for name in names]
+    all_tasks = [tasks.get_task(tasks.task_config(config, name)) for name in names]
     return _packed_dataset(
         source, config, train, process_index, process_count, names, (), all_tasks
     )
