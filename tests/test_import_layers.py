@@ -26,7 +26,7 @@ LAYER_OF = {part: level for level, parts in enumerate(LAYERS) for part in parts}
 
 
 def part_of(module: str) -> str:
-    """navit_seq.data.pipeline -> data; navit_seq.decode -> decode."""
+    """navit_seq.data.packing -> data; navit_seq.decode -> decode."""
     return module.split(".")[1]
 
 
