@@ -21,7 +21,7 @@ import numpy as np
 from absl import flags
 
 from navit_seq import tasks
-from navit_seq.data import mixing, packing, patches, resolution, token_drop
+from navit_seq.data import augment, mixing, packing, patches, resolution, token_drop
 from navit_seq.tasks.keypoints import crop_image
 from navit_seq.tasks.sequence import CROP_BOX
 
@@ -47,6 +47,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             "worker_threads": 1,  # reader threads per worker (the machine has 2 cores)
             "worker_buffer_size": 64,  # per-image elements each worker prefetches
             "resolution": resolution.default_resolution_config(),
+            "augment": augment.default_augment_config(),  # training only (flips)
             "eval_max_tokens": 256,  # evaluation: largest size with at most this many tokens
             # Longest image side in patches (0: no limit); keep <= model.posemb.max_len so a
             # learned position table is never indexed out of range.
@@ -70,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
 def validate_data_config(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     """Raise a ValueError naming the field and the fix for an inconsistent configuration."""
     resolution.validate_resolution_config(config.resolution)
+    augment.validate_augment_config(config.get("augment", augment.default_augment_config()))
     token_drop.validate_token_drop_config(config.token_drop)
     if config.batch_size % process_count:
         raise ValueError(
@@ -120,8 +122,10 @@ class PrepareImage(grain.transforms.RandomMap):
         max_tokens: int,
         max_grid_side: int,
         training: bool,
+        flip_probability: float = 0.0,
     ):
         self.task_list = list(task_list)
+        self.flip_probability = flip_probability if training else 0.0
         self.ragged_names = tuple(ragged_names)
         self.training = training
         self.resolution_config = resolution_config
@@ -135,6 +139,12 @@ class PrepareImage(grain.transforms.RandomMap):
         image, counts = patches.standardize_pixels(element["image"], example_id)
         element, counts["annotations_clipped"] = resolution.clip_annotations(element)
         element = {**element, "image": image}  # tasks that crop read the standardized pixels
+        counts["flipped_left_right"] = int(
+            self.flip_probability > 0 and rng.random() < self.flip_probability
+        )
+        if counts["flipped_left_right"]:
+            element = augment.flip_left_right(element)
+            image = element["image"]
         targets, task_counts = task.encode(element, training=self.training, rng=rng)
         counts.update(task_counts)
         ragged = {name: targets.pop(name) for name in self.ragged_names if name in targets}
@@ -260,6 +270,7 @@ def per_image_dataset(
             max_tokens,
             config.max_grid_side,
             training=train,
+            flip_probability=config.get("augment", augment.default_augment_config()).flip_left_right,
         )
     )
 

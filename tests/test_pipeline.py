@@ -166,3 +166,22 @@ def test_model_patch_size_must_match_the_data_and_the_error_names_both_fields():
     pipeline.check_model_patch_size(data.patch_size, data, "config.model.patch_size")
     with pytest.raises(ValueError, match=r"config.model.image.patch_size=8 differs from "):
         pipeline.check_model_patch_size(8, data, "config.model.image.patch_size")
+
+
+@pytest.mark.parametrize("probability", [0.0, 1.0])
+def test_training_flips_examples_with_the_configured_probability(probability):
+    from navit_seq.data import patches
+
+    ramp = np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 8, (16, 1, 3))  # x -> brighter
+    config = small_config(num_epochs=1, shuffle=False)
+    config.resolution.kind = "native"
+    config.augment.flip_left_right = probability
+    iterator = iter(pipeline.make_dataset([example(ramp)] * 6, config, train=True))
+    batches = list(iterator)
+    assert iterator.stats["flipped_left_right"] == int(6 * probability)
+    batch = batches[0]
+    tokens = batch["segment_ids"][0] == 1
+    image = patches.unpatchify(
+        batch["patches"][0][tokens], batch["patch_coords"][0][tokens], batch["image_grid"][0, 0], 8
+    )
+    np.testing.assert_array_equal(image, ramp[:, ::-1] if probability else ramp)

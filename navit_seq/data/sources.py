@@ -93,10 +93,11 @@ class NumpySource:
         self.name, self.split, self.data_dir = name, split, os.fspath(data_dir)
         builder = _builder(name, self.data_dir)
         splits = sorted(builder.info.splits)
-        if split not in splits:
+        # TFDS slicing ("train[:32]", "train[10%:]") reads part of a split: check its name.
+        if split.split("[", 1)[0] not in splits:
             raise ValueError(
                 f"data_source: split={split!r} is not in dataset {name!r} at {self.data_dir!r}; "
-                f"its splits are {splits}."
+                f"its splits are {splits} (a slice such as 'train[:32]' also works)."
             )
         self._source = tfds.data_source(name, split=split, data_dir=self.data_dir)
 

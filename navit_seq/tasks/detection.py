@@ -1,9 +1,10 @@
 """Object detection as a token sequence: [det] then (ymin xmin ymax xmax class) per object.
 
-Training follows Pix2Seq (Chen et al. 2022): objects in random order; the sequence is filled
-up to `max_objects` with noise objects labelled FAKE (jittered duplicates of real boxes,
-real boxes shifted to a random centre, random boxes) whose coordinates weigh 0 and whose
-class weighs `noise_class_weight`; the decoder's input class tokens are corrupted. END weighs
+Training follows Pix2Seq (Chen et al. 2022): objects in `object_order` (random by default);
+the sequence is filled up to `max_objects` with noise objects labelled FAKE (jittered
+duplicates of real boxes, real boxes shifted to a random centre, random boxes) whose
+coordinates weigh 0 and whose class weighs `noise_class_weight`; the decoder's input class
+tokens are corrupted. END weighs
 `end_weight`. One row per image: arrays [1, T].
 """
 
@@ -24,6 +25,14 @@ CLASS_CORRUPTIONS = (
     "rand_n_fake_cls",  # a random class or FAKE, 50/50 (Pix2Seq's default)
     "real_n_rand_n_fake_cls",  # true 50%, else random or FAKE 50/50
 )
+# The order of the real objects in a training row (Pix2Seq §3.1, Fig. 8: random is best at
+# the end of long training; a fixed order gives each position one right answer, which a short
+# run learns sooner). Evaluation rows use the same order (their loss is then comparable).
+OBJECT_ORDERS = (
+    "random",  # a fresh permutation per example (Pix2Seq's default)
+    "area",  # largest box first
+    "dist2ori",  # nearest top-left corner (ymin, xmin) to the image origin first
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +46,7 @@ class DetectionTask:
     noise_class_weight: float = 1.0
     end_weight: float = 0.1
     class_corruption: str = "rand_n_fake_cls"
+    object_order: str = "random"  # OBJECT_ORDERS
 
     PROMPT_LENGTH: ClassVar[int] = 1
     STAT_KEYS: ClassVar[tuple[str, ...]] = (
@@ -60,6 +70,10 @@ class DetectionTask:
             raise ValueError(
                 f"DetectionTask class_corruption={self.class_corruption!r}: "
                 f"choose one of {CLASS_CORRUPTIONS}."
+            )
+        if self.object_order not in OBJECT_ORDERS:
+            raise ValueError(
+                f"DetectionTask object_order={self.object_order!r}: choose one of {OBJECT_ORDERS}."
             )
 
     @property
@@ -90,9 +104,8 @@ class DetectionTask:
         stats = dict.fromkeys(self.STAT_KEYS, 0)
         stats["examples"] = 1
         boxes, labels = self._valid_objects(example["objects"], stats)  # [N, 4], [N]
-        if training:
-            order = rng.permutation(len(labels))
-            boxes, labels = boxes[order], labels[order]
+        order = self._object_order(boxes, training, rng)
+        boxes, labels = boxes[order], labels[order]
         if len(labels) > self.capacity:
             stats["objects_truncated"] = len(labels) - self.capacity
             boxes, labels = boxes[: self.capacity], labels[: self.capacity]
@@ -185,6 +198,18 @@ class DetectionTask:
         stats["invalid_boxes"] = int((known & ~is_crowd & ~nonempty).sum())
         keep = known & ~is_crowd & nonempty
         return boxes[keep], labels[keep]
+
+    def _object_order(
+        self, boxes: np.ndarray, training: bool, rng: np.random.Generator | None
+    ) -> np.ndarray:
+        """Indices [N] putting the objects in `object_order` (random only when training;
+        evaluation rows keep the dataset's order). Ties keep the dataset's order."""
+        if self.object_order == "area":
+            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            return np.argsort(-area, kind="stable")
+        if self.object_order == "dist2ori":
+            return np.argsort(np.hypot(boxes[:, 0], boxes[:, 1]), kind="stable")
+        return rng.permutation(len(boxes)) if training else np.arange(len(boxes))
 
     def _corrupt_classes(self, class_tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Decoder-input classes per `class_corruption` (targets keep the true ones)."""

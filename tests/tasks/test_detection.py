@@ -119,6 +119,26 @@ def test_object_order_is_random_but_reproducible_from_the_generator(task):
     assert len({tuple(first_labels(seed)) for seed in range(5)}) > 1
 
 
+@pytest.mark.parametrize("order", ["area", "dist2ori"])
+def test_fixed_object_orders_sort_the_real_objects_in_training_and_evaluation(order):
+    task = DetectionTask(VOCAB, seq_len=128, max_objects=20, object_order=order)
+    example = make_example(9, seed=7)
+    boxes = example["objects"]["bbox"].astype(np.float64)
+    if order == "area":
+        key = -(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    else:
+        key = np.sqrt(boxes[:, 0] ** 2 + boxes[:, 1] ** 2)
+    expected = example["objects"]["label"][np.argsort(key)]
+    for training in (False, True):
+        rows, _ = task.encode(example, training=training, rng=np.random.default_rng(3))
+        np.testing.assert_array_equal(task.decode(response(rows))[0]["label"], expected)
+
+
+def test_an_unknown_object_order_is_refused():
+    with pytest.raises(ValueError, match="object_order='raster'.*random"):
+        DetectionTask(VOCAB, seq_len=128, object_order="raster")
+
+
 def test_no_objects_gives_prompt_then_end_and_is_counted(task):
     rows, stats = task.encode(make_example(0), training=False)
     assert rows["input_tokens"].shape == (1, 128)
