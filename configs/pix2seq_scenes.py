@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seq_len=ROW_LENGTH,
         num_bins=64,  # coordinate bins: 2.5 px at 160 px (Pix2Seq: 1000 at 640+ px)
         max_instances=8,  # segmentation / keypoint rows per image
+        object_order="random",  # detection: Pix2Seq's default (tasks/detection.py)
     )
 
     config.model = default_pix2seq_config()
