@@ -200,13 +200,6 @@ def host_seed(seed: int, process_index: int, *stream: int) -> int:
     return int(np.random.SeedSequence([seed, process_index, *stream]).generate_state(1)[0])
 
 
-def _task_ragged_specs(
-    task: tasks.Task, config: ml_collections.ConfigDict
-) -> tuple[packing.RaggedSpec, ...]:
-    """The task's ragged groups (none for fixed-shape tasks); capacities from `config`."""
-    return task.ragged_specs(config) if hasattr(task, "ragged_specs") else ()
-
-
 def _shared_specs(
     task_list: Sequence[tasks.Task], config: ml_collections.ConfigDict
 ) -> tuple[dict, tuple[packing.RaggedSpec, ...]]:
@@ -215,7 +208,7 @@ def _shared_specs(
     target_spec, ragged_specs = {}, {}
     for task in task_list:
         entries = [(target_spec, name, spec) for name, spec in task.target_spec().items()]
-        entries += [(ragged_specs, s.name, s) for s in _task_ragged_specs(task, config)]
+        entries += [(ragged_specs, s.name, s) for s in task.ragged_specs(config)]
         for table, name, spec in entries:
             if table.setdefault(name, spec) != spec:
                 raise ValueError(
@@ -260,7 +253,7 @@ def per_image_dataset(
     else:  # evaluation: the largest size that fits the token budget, deterministic
         resolution_config = ml_collections.ConfigDict({**config.resolution, "kind": "token_budget"})
         max_tokens = config.eval_max_tokens
-    ragged_names = {spec.name for task in task_list for spec in _task_ragged_specs(task, config)}
+    ragged_names = {spec.name for task in task_list for spec in task.ragged_specs(config)}
     return ds.random_map(
         PrepareImage(
             task_list,

@@ -37,12 +37,12 @@ class Task(Protocol):
         """
 
     def target_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """name -> (shape, dtype) of every target `encode` returns.
+        """name -> (shape, dtype) of every fixed-shape target `encode` returns."""
 
-        Optional: `ragged_specs(data_config) -> tuple[packing.RaggedSpec, ...]` for targets of a
-        variable first axis (decoder rows, caption tokens), returned by `encode` under the
-        spec's name.
-        """
+    def ragged_specs(self, data_config: ml_collections.ConfigDict) -> tuple:
+        """The `packing.RaggedSpec`s of targets with a variable first axis (decoder rows,
+        caption tokens), returned by `encode` under each spec's name; () when there are none.
+        Capacities come from `data_config` (e.g. `max_rows_per_seq`)."""
 
 
 def get_task(config: ml_collections.ConfigDict) -> Task:

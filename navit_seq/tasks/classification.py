@@ -39,5 +39,9 @@ class ClassificationTask:
         multi_hot[labels] = 1.0
         return {"labels": multi_hot}, {"examples_without_labels": int(labels.size == 0)}
 
+    def ragged_specs(self, data_config: ml_collections.ConfigDict) -> tuple:
+        del data_config
+        return ()  # fixed-shape targets only
+
     def target_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return {"labels": ((self.num_classes,), np.dtype(np.float32))}
