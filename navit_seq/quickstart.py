@@ -43,8 +43,8 @@ def summarize(workdir: Path) -> None:
         train = [r for r in rows if r.get("split") == "train"]
         losses = sorted({k for r in train for k in r if k == "loss" or k.startswith("loss/")})
         for key in losses:
-            # A task absent from a logging window logs 0 (batch mixing): skip those rows.
-            logged = [(r["step"], r[key]) for r in train if r.get(key)]
+            # A task absent from a logging window (batch mixing) is not in its row.
+            logged = [(r["step"], r[key]) for r in train if key in r]
             if logged:
                 (first_step, first), (last_step, last) = logged[0], logged[-1]
                 print(f"train {key:20s} step {first_step:4d}: {first:.3f} -> "

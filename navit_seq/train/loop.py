@@ -66,8 +66,11 @@ def host_metrics(metrics: MetricDict) -> MetricDict:
 
 
 def compute_metrics(metrics: MetricDict) -> dict[str, float]:
-    """Final scalar values (host floats) of accumulated clu metrics."""
-    return metrics_lib.to_scalars({name: m.compute() for name, m in metrics.items()})
+    """Final scalar values (host floats) of accumulated clu metrics. A metric whose `compute`
+    returns None measured nothing in this window (e.g. a task no batch held) and is left out,
+    so curves have gaps where there was no data instead of false zeros."""
+    values = {name: m.compute() for name, m in metrics.items()}
+    return metrics_lib.to_scalars({name: v for name, v in values.items() if v is not None})
 
 
 def model_inputs(batch: Batch) -> dict[str, Any]:

@@ -6,8 +6,9 @@ Plugs into the shared loop (`navit_seq.train.loop`) like `classification`: the m
 `config.loss.label_smoothing`), per-task losses for logging, and grain iterators over the
 sequence tasks of `data.task` / `data.tasks` (mixed per batch or per example, `data.mixing`).
 
-Logged per task (by the task of each row's image): `loss/<task>` (0 in a window without that
-task, never NaN) and `weight_share/<task>`, the task's share of the loss weight.
+Logged per task (by the task of each row's image): `loss/<task>` (left out of a window
+without that task, never a false 0 or NaN) and `weight_share/<task>`, the task's share of the
+loss weight (0 in such a window).
 """
 
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from clu import metrics as clu_metrics
 from flax import nnx
 
@@ -33,11 +35,21 @@ def default_loss_config() -> ml_collections.ConfigDict:
 
 @flax.struct.dataclass
 class WeightedAverage(clu_metrics.Average):
-    """total / count with a float count (token weights); 0 when nothing was counted, so a task
-    absent from a logging window reads 0 instead of NaN (`weight_share` tells them apart)."""
+    """total / count with a float count (token weights); 0 when nothing was counted."""
 
     def compute(self) -> jax.Array:
         return jnp.where(self.count > 0, self.total / jnp.maximum(self.count, 1e-9), 0.0)
+
+
+@flax.struct.dataclass
+class TaskAverage(WeightedAverage):
+    """A per-task average: None (left out of the logged window, `loop.compute_metrics`) when
+    the window held none of the task's tokens, so its curve has a gap, not a false 0."""
+
+    def compute(self) -> jax.Array | None:
+        if float(np.asarray(self.count)) <= 0:
+            return None
+        return super().compute()
 
 
 def task_ids(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -82,7 +94,7 @@ def _metrics(
     metrics: MetricDict = {"loss": WeightedAverage(total=loss_sum, count=weight_sum)}
     per_task = losses.per_task_sums(weighted, batch["decoder_weights"], batch, ids)
     for name, (task_loss, task_weight) in per_task.items():
-        metrics[f"loss/{name}"] = WeightedAverage(total=task_loss, count=task_weight)
+        metrics[f"loss/{name}"] = TaskAverage(total=task_loss, count=task_weight)
         metrics[f"weight_share/{name}"] = WeightedAverage(total=task_weight, count=weight_sum)
     return metrics
 
