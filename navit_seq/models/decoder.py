@@ -13,11 +13,13 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from navit_seq.models.attention import ATTENTION_IMPLS, AttentionProjections, masked_attention
 from navit_seq.models.navit import MLP, dtype_of
 from navit_seq.models.partitioning import constrain, layer_norm, param, partitioned
+from navit_seq.models.posemb import sinusoidal
 
 # "S" is the Pix2Seq v2 decoder (Chen et al. 2022: 6 layers, 512 wide, 8 heads, MLP 2048).
 PRESETS = {
@@ -29,6 +31,16 @@ _SIZE_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
 # What cross-attention reads (navit_seq.models.pix2seq.DecoderMemory): the encoder tokens as
 # they are, or projected + LayerNormed + position-embedded + MLP (Pix2Seq's reference).
 MEMORIES = ("encoder", "projected")
+# How coordinate-token embeddings start: "normal" like every token (Pix2Seq), or "sinusoidal":
+# bin k of num_bins as the position embedding of fraction k / (num_bins - 1) on both axes, in
+# the frame of the decoder memory's position embedding (pix2seq.memory_posemb_config), scaled
+# to the other tokens' init std. Neighbouring bins then start out alike, and a box coordinate
+# can be read off the memory's positions by a near-identity map from the first step.
+COORD_EMBEDDING_INITS = ("normal", "sinusoidal")
+EMBED_INIT_STD = 0.02
+# The frame of the memory's sinusoidal position embedding (pix2seq.memory_posemb_config): a
+# fraction r of the image side embeds as position r * MEMORY_POSEMB_LEN.
+MEMORY_POSEMB_LEN = 64
 
 # Per layer (key, value), each [N, T_cache, H, Dh] with N = B * R flattened decoder rows.
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -47,6 +59,11 @@ def default_decoder_config() -> ml_collections.ConfigDict:
             "max_len": 512,  # positions: longest prompt + response the decoder reads
             "memory": "projected",  # MEMORIES: what cross-attention reads
             "tie_embeddings": True,  # Pix2Seq shares the input and output token embedding
+            # "sinusoidal": coordinate tokens start as the memory's position embedding of
+            # their bin (COORD_EMBEDDING_INITS); needs coord_offset and num_bins (the vocab's).
+            "coord_embedding_init": "normal",
+            "coord_offset": placeholder(int),  # first coordinate token id (Vocab.coord_offset)
+            "num_bins": placeholder(int),  # coordinate bins (Vocab.num_bins)
             "qk_norm": False,
             "use_bias": True,
             "dropout": 0.0,
@@ -76,6 +93,43 @@ def row_image_mask(segment_ids: jax.Array, row_slot: jax.Array) -> jax.Array:
     """
     same_image = segment_ids[:, None, :] == (row_slot + 1)[:, :, None]  # [B, R, L]
     return same_image & (segment_ids > 0)[:, None, :]
+
+
+def coord_embeddings(num_bins: int, width: int, posemb_len: int) -> np.ndarray:
+    """[num_bins, width] float32: bin k's position embedding at fraction k / (num_bins - 1)
+    on both axes (phi_row + phi_col, as the memory embeds a token), centred over the bins (the
+    low frequencies are nearly constant across them and would make every bin alike) and
+    scaled to unit std per row: bins a few apart are similar, far ones near orthogonal."""
+    position = np.arange(num_bins, dtype=np.float32) / max(num_bins - 1, 1) * posemb_len
+    rows = np.asarray(sum(sinusoidal(jnp.asarray(position), width, axis) for axis in (0, 1)))
+    rows = rows - rows.mean(axis=0, keepdims=True)  # [num_bins, width]
+    return (rows / rows.std(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _token_embedding_init(config: ml_collections.ConfigDict, width: int):
+    """The token table's initializer: N(0, 0.02), with coordinate rows per
+    `config.coord_embedding_init` (COORD_EMBEDDING_INITS)."""
+    normal = nnx.initializers.normal(EMBED_INIT_STD)
+    kind = config.get("coord_embedding_init", "normal")
+    if kind not in COORD_EMBEDDING_INITS:
+        raise ValueError(
+            f"model.decoder.coord_embedding_init={kind!r} is not one of {COORD_EMBEDDING_INITS}."
+        )
+    if kind == "normal":
+        return normal
+    if config.get("coord_offset") is None or not config.get("num_bins"):
+        raise ValueError(
+            "model.decoder.coord_embedding_init='sinusoidal' needs model.decoder.coord_offset "
+            "and num_bins (the task vocabulary's; the sequence trainer fills them in)."
+        )
+    coords = coord_embeddings(config.num_bins, width, MEMORY_POSEMB_LEN)
+    start = config.coord_offset
+
+    def init(key, shape, dtype=jnp.float32):
+        table = normal(key, shape, dtype)
+        return table.at[start : start + len(coords)].set(EMBED_INIT_STD * coords.astype(dtype))
+
+    return init
 
 
 class DecoderBlock(nnx.Module):
@@ -192,7 +246,9 @@ class Decoder(nnx.Module):
         self.num_heads, self.head_dim = sizes["num_heads"], width // sizes["num_heads"]
         self.token_embed = nnx.Embed(
             config.vocab_size, width, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")),
+            embedding_init=partitioned(
+                _token_embedding_init(config, width), ("vocab", "embed")
+            ),
             rngs=rngs,
         )  # fmt: skip
         self.posemb = param(

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from navit_seq.models.decoder import MEMORIES, Decoder, decoder_sizes, default_decoder_config
+from navit_seq.models.decoder import (
+    MEMORIES,
+    MEMORY_POSEMB_LEN,
+    Decoder,
+    decoder_sizes,
+    default_decoder_config,
+)
 from navit_seq.models.navit import MLP, NaViT, default_model_config, dtype_of, model_sizes
 from navit_seq.models.partitioning import constrain, layer_norm, partitioned
 from navit_seq.models.posemb import PositionalEmbedding, default_posemb_config
@@ -38,6 +44,7 @@ def memory_posemb_config() -> ml_collections.ConfigDict:
     range, and a bin of a box target is the same place at every grid size)."""
     config = default_posemb_config()
     config.embedding, config.coords = "sinusoidal", "fractional"
+    config.max_len = MEMORY_POSEMB_LEN
     return config
 
 

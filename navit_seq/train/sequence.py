@@ -58,12 +58,18 @@ def task_ids(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> None:
-    """Fills the decoder's vocabulary size from the tasks' shared vocabulary; checks lengths."""
-    vocab_size = max(task.vocab.size for task in sequence_tasks(config.data))
+    """Fills the decoder's vocabulary size and coordinate range from the tasks' shared
+    vocabulary; checks lengths."""
+    vocab = max((task.vocab for task in sequence_tasks(config.data)), key=lambda v: v.size)
+    vocab_size = vocab.size
     decoder = config.model.decoder
-    if not decoder.get("vocab_size"):
-        with config.unlocked():
+    with config.unlocked():
+        if not decoder.get("vocab_size"):
             decoder.vocab_size = vocab_size
+        if decoder.get("coord_offset") is None:
+            decoder.coord_offset = vocab.coord_offset
+        if not decoder.get("num_bins"):
+            decoder.num_bins = vocab.num_bins
     if decoder.vocab_size < vocab_size:
         raise ValueError(
             f"config.model.decoder.vocab_size={decoder.vocab_size} < the tasks' vocabulary "

@@ -197,3 +197,39 @@ def test_bfloat16_activations_run_and_stay_close_to_float32(reference_logits):
     logits = forward(decoder, tokens, encoded, SEGMENT_IDS, ROW_SLOT)
     assert logits.dtype == np.float32  # logits always leave in float32 for the loss
     np.testing.assert_allclose(np.asarray(logits), reference_logits, atol=0.05)
+
+
+def test_sinusoidal_coordinate_init_sets_only_the_coordinate_rows():
+    """Coordinate rows start as the (float64 numpy) sinusoidal embedding of their bin, centred
+    over the bins: similar for neighbours, near orthogonal far apart; other rows stay N(0, .02)."""
+    num_bins, offset, width, vocab = 64, 20, 32, 100
+    config = tiny_config(
+        coord_embedding_init="sinusoidal", coord_offset=offset, num_bins=num_bins, vocab_size=vocab
+    )
+    table = np.asarray(Decoder(config, ENCODER_WIDTH, rngs=nnx.Rngs(0)).token_embed.embedding[...])
+    plain = np.asarray(
+        Decoder(tiny_config(vocab_size=vocab), ENCODER_WIDTH, rngs=nnx.Rngs(0))
+        .token_embed.embedding[...]
+    )
+    outside = np.r_[0:offset, offset + num_bins : vocab]
+    np.testing.assert_array_equal(table[outside], plain[outside])
+    # Reference: phi_row + phi_col at fraction k / (num_bins - 1) of the memory's frame (64).
+    position = np.arange(num_bins) / (num_bins - 1) * 64.0
+    half = width // 2
+    rows = 0.0
+    for axis in (0, 1):
+        angles = position[:, None] / 10_000 ** ((np.arange(half) + 0.5 * axis) / half)
+        rows = rows + np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    rows = rows - rows.mean(axis=0)
+    rows = 0.02 * rows / rows.std(axis=1, keepdims=True)
+    np.testing.assert_allclose(table[offset : offset + num_bins], rows, atol=1e-5)
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    assert similarity[30, 31] > 0.8 and np.abs(similarity[30, [0, 10, 50, 63]]).max() < 0.5
+
+
+def test_sinusoidal_coordinate_init_without_the_vocabulary_range_is_refused():
+    with pytest.raises(ValueError, match="coord_offset"):
+        Decoder(tiny_config(coord_embedding_init="sinusoidal"), ENCODER_WIDTH, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="coord_embedding_init='fourier'"):
+        Decoder(tiny_config(coord_embedding_init="fourier"), ENCODER_WIDTH, rngs=nnx.Rngs(0))
