@@ -19,7 +19,7 @@ from flax import nnx
 from navit_seq.models.attention import ATTENTION_IMPLS, AttentionProjections, masked_attention
 from navit_seq.models.navit import MLP, dtype_of
 from navit_seq.models.partitioning import constrain, layer_norm, param, partitioned
-from navit_seq.models.posemb import sinusoidal
+from navit_seq.models.posemb import sinusoidal_frequencies
 
 # "S" is the Pix2Seq v2 decoder (Chen et al. 2022: 6 layers, 512 wide, 8 heads, MLP 2048).
 PRESETS = {
@@ -100,8 +100,12 @@ def coord_embeddings(num_bins: int, width: int, posemb_len: int) -> np.ndarray:
     on both axes (phi_row + phi_col, as the memory embeds a token), centred over the bins (the
     low frequencies are nearly constant across them and would make every bin alike) and
     scaled to unit std per row: bins a few apart are similar, far ones near orthogonal."""
-    position = np.arange(num_bins, dtype=np.float32) / max(num_bins - 1, 1) * posemb_len
-    rows = np.asarray(sum(sinusoidal(jnp.asarray(position), width, axis) for axis in (0, 1)))
+    # numpy, not posemb.sinusoidal: this runs inside traced parameter initialisation.
+    position = np.arange(num_bins, dtype=np.float64) / max(num_bins - 1, 1) * posemb_len
+    rows = 0.0
+    for axis in (0, 1):
+        angles = position[:, None] * sinusoidal_frequencies(width, axis)  # [num_bins, width/2]
+        rows = rows + np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
     rows = rows - rows.mean(axis=0, keepdims=True)  # [num_bins, width]
     return (rows / rows.std(axis=1, keepdims=True)).astype(np.float32)
 
