@@ -59,6 +59,9 @@ def default_decoder_config() -> ml_collections.ConfigDict:
             "max_len": 512,  # positions: longest prompt + response the decoder reads
             "memory": "projected",  # MEMORIES: what cross-attention reads
             "tie_embeddings": True,  # Pix2Seq shares the input and output token embedding
+            # A per-token bias on the tied logits (Pix2Seq's `output_bias`): the token prior
+            # is learned by V numbers instead of being carved into the shared embedding.
+            "output_bias": True,
             # "sinusoidal": coordinate tokens start as the memory's position embedding of
             # their bin (COORD_EMBEDDING_INITS); needs coord_offset and num_bins (the vocab's).
             "coord_embedding_init": "normal",
@@ -270,6 +273,12 @@ class Decoder(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
+        # A config.json saved before `output_bias` existed describes a model without one.
+        self.output_bias = (
+            param(rngs, nnx.initializers.zeros, ("vocab",), (config.vocab_size,), param_dtype)
+            if config.tie_embeddings and config.get("output_bias", False)
+            else None
+        )
         self.output_head = (
             None
             if config.tie_embeddings
@@ -326,6 +335,8 @@ class Decoder(nnx.Module):
         x = self.final_norm(x)
         if self.output_head is None:
             logits = self.token_embed.attend(x)  # tied: x @ embedding.T
+            if self.output_bias is not None:
+                logits = logits + self.output_bias[...].astype(logits.dtype)
         else:
             logits = self.output_head(x)
         logits = logits.astype(jnp.float32).reshape(batch, rows, length, self.vocab_size)

@@ -131,7 +131,8 @@ def test_untied_output_adds_exactly_one_vocabulary_projection():
         )
     )
     tied, untied = count(tiny_config()), count(tiny_config(tie_embeddings=False))
-    assert untied - tied == 32 * VOCAB + VOCAB
+    assert untied - tied == 32 * VOCAB  # the projection's bias replaces the tied output bias
+    assert tied - count(tiny_config(output_bias=False)) == VOCAB
 
 
 def test_paper_decoder_preset_and_parameter_count_formula():
@@ -144,7 +145,7 @@ def test_paper_decoder_preset_and_parameter_count_formula():
     encoder_width = 768
     attention = lambda source: d * d + d + 2 * (source * d + d) + d * d + d
     per_block = attention(d) + attention(encoder_width) + 2 * d * m + m + d + 3 * 2 * d
-    expected = 3000 * d + config.max_len * d + depth * per_block + 2 * d
+    expected = 3000 * d + config.max_len * d + depth * per_block + 2 * d + 3000
     abstract = nnx.eval_shape(lambda: Decoder(config, encoder_width, rngs=nnx.Rngs(0)))
     assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == expected
 
