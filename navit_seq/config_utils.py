@@ -89,7 +89,8 @@ def loop_config(
     FieldReference so a schedule built on it follows --config.num_train_steps overrides;
     `keep_checkpoint_every_steps` 0 keeps only the last `keep_checkpoints`; `profile_steps` > 0
     traces that many steps after step 10; `log_batch_fingerprint` logs a CRC32 of each logged
-    batch (resume checks).
+    batch (resume checks); `init_from` names a workdir whose latest checkpoint's parameters
+    start a run that has no checkpoint of its own (staged training, fine-tuning; "" = none).
     """
     config = ml_collections.ConfigDict()
     config.trainer = trainer
@@ -102,6 +103,7 @@ def loop_config(
     config.keep_checkpoint_every_steps = keep_checkpoint_every_steps
     config.profile_steps = profile_steps
     config.log_batch_fingerprint = False
+    config.init_from = ""
     return config
 
 

@@ -334,6 +334,23 @@ def log_memory_analysis(compiled: Any) -> None:
     print(f"train step memory analysis (per device): {text}", flush=True)
 
 
+def initialized_from(trainer: Trainer, workdir: str | Path) -> state_lib.TrainState:
+    """A fresh train state (step 0, new optimizer state) whose parameters and model state are
+    those of `workdir`'s latest checkpoint: the next stage of staged training, or fine-tuning.
+    The two recipes must build the same model (same parameter shapes)."""
+    source = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints", every_steps=0)
+    try:
+        step, restored = source.restore_state(None, trainer.abstract_state)
+    finally:
+        source.close()
+    fresh = trainer.init_state()
+    ema = restored.params if fresh.ema_params is not None else None
+    state = fresh.replace(params=restored.params, model_state=restored.model_state, ema_params=ema)
+    print(f"Initialised from {source.path(step)} (step {step}); training starts at step 0.",
+          flush=True)  # fmt: skip
+    return state
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | Path, objective: Objective
 ) -> dict[str, float]:
@@ -350,7 +367,9 @@ def train_and_evaluate(
     )
     train_iter = objective.train_iterator()
     restored = checkpointer.restore_latest(trainer.abstract_state, train_iter)
-    if restored is None:
+    if restored is None and config.get("init_from"):
+        start_step, state = 0, initialized_from(trainer, config.init_from)
+    elif restored is None:
         start_step, state = 0, trainer.init_state()
         logging.info("No checkpoint in %s: starting from scratch.", checkpointer.directory)
     else:

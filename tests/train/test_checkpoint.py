@@ -132,3 +132,19 @@ def test_restoring_a_step_that_was_not_saved_names_the_saved_steps(trained, tmp_
     with pytest.raises(FileNotFoundError, match=r"--step 5: no checkpoint .* holds steps \[2\]"):
         checkpointer.restore_state(5, trainer.abstract_state)
     checkpointer.close()
+
+
+def test_initialised_from_takes_parameters_but_starts_at_step_zero_with_fresh_moments(
+    trained, tmp_path
+):
+    trainer, state, batches = trained
+    checkpointer = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", every_steps=1)
+    checkpointer.save(2, state, batches)
+    checkpointer.close()
+    started = loop.initialized_from(trainer, tmp_path)
+    fresh = trainer.init_state()
+    assert int(started.step) == 0
+    for a, b in zip(leaves(started.params), leaves(state.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(leaves(started.opt_state), leaves(fresh.opt_state), strict=True):
+        np.testing.assert_array_equal(a, b)
