@@ -62,7 +62,10 @@ def _rle_json(rle: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _box_rle(box: np.ndarray, height: int, width: int) -> dict[str, Any]:
-    return mask_utils.frPyObjects([_pixel_box(box, height, width)], height, width)[0]
+    """The box [x, y, w, h] (pixels) as a mask, for objects stored without one. pycocotools
+    reads boxes only as a float64 array [K, 4] (a list of lists is a TypeError)."""
+    boxes = np.asarray([_pixel_box(box, height, width)], np.float64)  # [1, 4]
+    return mask_utils.frPyObjects(boxes, height, width)[0]
 
 
 def ground_truth(

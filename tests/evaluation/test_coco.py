@@ -130,3 +130,20 @@ def test_prediction_for_an_unknown_image_raises_naming_it():
 def test_caption_only_predictions_count_as_no_predictions():
     metrics = coco.coco_metrics(hand_made_examples(), [{"image_id": 5, "caption": "a square"}])
     assert metrics["bbox_AP"] == 0.0 and metrics["bbox_num_predictions"] == 0
+
+
+def test_objects_without_masks_get_their_box_as_the_mask_and_bbox_ap_one():
+    """Detection-only data (no mask_rle, no area): the ground truth still converts."""
+    examples = hand_made_examples()
+    for example in examples:
+        objects = example["objects"]
+        example["objects"] = {k: objects[k] for k in ("bbox", "label", "category_id", "is_crowd")}
+    gt, _, _ = coco.ground_truth(examples)
+    first = gt.loadAnns(gt.getAnnIds(imgIds=[5]))
+    assert mask_utils.area(gt.annToRLE(first[0])) == 24 * 20  # the 24 x 20 px box
+    predictions = [
+        {"image_id": e["image_id"], "boxes": e["objects"]["bbox"], "labels": e["objects"]["label"],
+         "scores": np.ones(len(e["objects"]["label"]), np.float32)}
+        for e in examples
+    ]  # fmt: skip
+    assert coco.coco_metrics(examples, predictions)["bbox_AP"] == pytest.approx(1.0)
