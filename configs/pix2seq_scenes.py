@@ -5,8 +5,10 @@ A tiny NaViT encoder + decoder trained on 2 CPU cores in minutes (`trainer = "se
         --train-size 4000 --validation-size 500 --heldout-size 500
     python -m navit_seq.main --config configs/pix2seq_scenes.py --workdir workdirs/scenes_mt
     python -m navit_seq.predict --workdir workdirs/scenes_mt --image PATH  # PNG + JSON
-Arguments (`configs/pix2seq_scenes.py:steps=300,data_dir=/tmp/data`): `steps` overrides
-num_train_steps, `data_dir` where the scenes dataset was built. Per-task training losses are
+Arguments (`configs/pix2seq_scenes.py:steps=300,data_dir=/tmp/data,tasks=detection`): `steps`
+overrides num_train_steps, `data_dir` where the scenes dataset was built, `tasks` a `+`-joined
+subset of the four tasks trained with equal weights (e.g. `tasks=detection` for the first stage
+of staged training: the model is the same, so `--config.init_from` carries it to the next). Per-task training losses are
 logged as `loss/<task>` in WORKDIR/metrics.jsonl. The paper-scale COCO recipe is
 `configs/pix2seq_v2_multitask.py`.
 """
@@ -27,10 +29,14 @@ MAX_GRID_SIDE = 12  # patches per side: 192 px, above resolution.max_side
 # detection fits (64 - 1) / 5 = 12 objects (a scene has ~5), a polygon 29 points (the
 # segmentation codec caps its points by T).
 ROW_LENGTH = 64
+# Task weights (the Pix2Seq v2 batch mixing: each batch is one task drawn by weight). COCO's
+# weights (configs/pix2seq_v2_multitask.py) favour segmentation; the scenes are simple enough
+# that equal shares train every task.
+TASKS = ("detection", "segmentation", "keypoints", "captioning")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = config_utils.recipe_options(arg, known=("steps", "data_dir"))
+    options = config_utils.recipe_options(arg, known=("steps", "data_dir", "tasks"))
     config = config_utils.loop_config(
         "sequence",  # navit_seq.train.sequence
         steps=int(options.get("steps", 300)),
@@ -58,12 +64,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_grid_side = MAX_GRID_SIDE
     config.data.num_workers = 1
     config.data.token_drop.kind = "none"
-    # Task weights (the Pix2Seq v2 batch mixing: each batch is one task drawn by weight).
-    # COCO's weights (configs/pix2seq_v2_multitask.py) favour segmentation; the scenes are
-    # simple enough that equal shares train every task within a few hundred steps.
-    config.data.tasks = (
-        ("detection", 0.25), ("segmentation", 0.25), ("keypoints", 0.25), ("captioning", 0.25),
-    )  # fmt: skip
+    names = options.get("tasks", "+".join(TASKS)).split("+")
+    unknown = sorted(set(names) - set(TASKS))
+    if unknown:
+        raise ValueError(
+            f"configs/pix2seq_scenes.py: tasks={options['tasks']!r} names {unknown}; use a "
+            f"'+'-joined subset of {'+'.join(TASKS)}."
+        )
+    config.data.tasks = tuple((name, 1.0 / len(names)) for name in TASKS if name in names)
     config.data.mixing = "batch"
     config.data.task = dict(
         name="detection",  # the options below are shared by the four tasks

@@ -72,12 +72,23 @@ def test_recipe_arguments_parse_and_a_malformed_one_is_an_error_naming_it():
 @pytest.mark.parametrize(
     ("recipe", "takes"),
     [("quickstart", "steps"), ("contrastive", "steps, loss, data"),
-     ("pix2seq_scenes", "steps, data_dir"), ("navit_b16_pretrain", "none"),
+     ("pix2seq_scenes", "steps, data_dir, tasks"), ("navit_b16_pretrain", "none"),
      ("pix2seq_v2_multitask", "none")],
 )  # fmt: skip
 def test_misspelt_recipe_argument_is_an_error_listing_the_recipes_arguments(recipe, takes):
     with pytest.raises(ValueError, match=f"recipe argument 'stpes' .* it takes {takes}\\."):
         config_utils.load_config_file(f"configs/{recipe}.py:stpes=5")
+
+
+def test_scenes_recipe_trains_the_named_subset_of_tasks_with_equal_weights():
+    detection = config_utils.load_config_file(f"{SCENES}:tasks=detection")
+    assert detection.data.tasks == (("detection", 1.0),)
+    two = config_utils.load_config_file(f"{SCENES}:tasks=captioning+detection")
+    assert two.data.tasks == (("detection", 0.5), ("captioning", 0.5))  # in the recipe's order
+    full = config_utils.load_config_file(SCENES)
+    assert detection.model.to_dict() == full.model.to_dict()  # init_from carries it over
+    with pytest.raises(ValueError, match="tasks='boxes' names \\['boxes'\\]"):
+        config_utils.load_config_file(f"{SCENES}:tasks=boxes")
 
 
 def test_every_recipe_has_the_shared_loop_fields_and_steps_follow_the_argument():
