@@ -8,9 +8,9 @@ A tiny NaViT encoder + decoder trained on 2 CPU cores in minutes (`trainer = "se
 Arguments (`configs/pix2seq_scenes.py:steps=300,data_dir=/tmp/data,tasks=detection`): `steps`
 overrides num_train_steps, `data_dir` where the scenes dataset was built, `tasks` a `+`-joined
 subset of the four tasks trained with equal weights (e.g. `tasks=detection` for the first stage
-of staged training: the model is the same, so `--config.init_from` carries it to the next). Per-task training losses are
-logged as `loss/<task>` in WORKDIR/metrics.jsonl. The paper-scale COCO recipe is
-`configs/pix2seq_v2_multitask.py`.
+of staged training: the model is the same, so `--config.init_from` carries it to the next).
+Per-task training losses are logged as `loss/<task>` in WORKDIR/metrics.jsonl. The
+paper-scale COCO recipe is `configs/pix2seq_v2_multitask.py`.
 """
 
 import ml_collections
@@ -100,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.decoder.mlp_dim = 192
     config.model.decoder.max_len = ROW_LENGTH
     config.model.decoder.vocab_size = 0  # 0: the tasks' shared vocabulary size
+    # Coordinate bins start as position embeddings of their bin (models/decoder.py): on a toy
+    # detection set, AP50 0.039 -> 0.097 at 300 steps with the output bias (README).
+    config.model.decoder.coord_embedding_init = "sinusoidal"
 
     config.optimizer = default_optimizer_config()
     config.optimizer.learning_rate = 3e-3

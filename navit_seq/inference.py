@@ -107,7 +107,13 @@ class Predictor:
                 "config.evaluation.use_gt_boxes=False but the recipe has no detection task to "
                 "prompt segmentation/keypoints with; set use_gt_boxes=True or add detection."
             )
-        class_names = sources.class_names(self.data.name, data_dir=self.data.data_dir)
+        # Keypoint rows go to boxes of the classes named in evaluation.keypoint_classes; only a
+        # recipe with the keypoint task reads the dataset's class names for that.
+        class_names = (
+            sources.class_names(self.data.name, data_dir=self.data.data_dir)
+            if "keypoints" in self.tasks
+            else []
+        )
         self.keypoint_labels = {
             class_names.index(name) for name in self.options.keypoint_classes if name in class_names
         }

@@ -254,6 +254,7 @@ def per_image_dataset(
         resolution_config = ml_collections.ConfigDict({**config.resolution, "kind": "token_budget"})
         max_tokens = config.eval_max_tokens
     ragged_names = {spec.name for task in task_list for spec in task.ragged_specs(config)}
+    augment_config = config.get("augment", augment.default_augment_config())
     return ds.random_map(
         PrepareImage(
             task_list,
@@ -263,7 +264,7 @@ def per_image_dataset(
             max_tokens,
             config.max_grid_side,
             training=train,
-            flip_probability=config.get("augment", augment.default_augment_config()).flip_left_right,
+            flip_probability=augment_config.flip_left_right,
         )
     )
 

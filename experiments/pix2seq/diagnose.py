@@ -170,7 +170,8 @@ def main(argv):
     del argv
     config = config_utils.validated_config()
     cpu_runtime.prepare_process_for_training()
-    print(json.dumps(diagnose(config, EVAL_BATCHES.value, AP_IMAGES.value, flags.FLAGS.workdir or "")))
+    workdir = flags.FLAGS.workdir or ""  # config_utils' --workdir: diagnose a trained run
+    print(json.dumps(diagnose(config, EVAL_BATCHES.value, AP_IMAGES.value, workdir)))
 
 
 if __name__ == "__main__":

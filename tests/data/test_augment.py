@@ -67,7 +67,8 @@ def test_polygons_rasterise_to_the_flipped_masks(scenes):
 
 def test_keypoints_mirror_x_and_swap_left_and_right():
     points = np.zeros((1, 17, 3), np.float32)
-    left_wrist, right_wrist = KEYPOINT_NAMES.index("left_wrist"), KEYPOINT_NAMES.index("right_wrist")
+    left_wrist = KEYPOINT_NAMES.index("left_wrist")
+    right_wrist = KEYPOINT_NAMES.index("right_wrist")
     points[0, left_wrist] = (0.3, 0.2, 2)
     points[0, 0] = (0.1, 0.4, 1)  # nose: its own mirror
     example = {"image": np.zeros((4, 8, 3), np.uint8), "objects": {"keypoints": points}}

@@ -209,8 +209,9 @@ def test_sinusoidal_coordinate_init_sets_only_the_coordinate_rows():
     )
     table = np.asarray(Decoder(config, ENCODER_WIDTH, rngs=nnx.Rngs(0)).token_embed.embedding[...])
     plain = np.asarray(
-        Decoder(tiny_config(vocab_size=vocab), ENCODER_WIDTH, rngs=nnx.Rngs(0))
-        .token_embed.embedding[...]
+        Decoder(
+            tiny_config(vocab_size=vocab), ENCODER_WIDTH, rngs=nnx.Rngs(0)
+        ).token_embed.embedding[...]
     )
     outside = np.r_[0:offset, offset + num_bins : vocab]
     np.testing.assert_array_equal(table[outside], plain[outside])
