@@ -71,6 +71,12 @@ def _token_mask(grammar: np.ndarray, prompt_length: int) -> decode.TokenMask:
     return _TOKEN_MASKS[key]
 
 
+def _padded(grammar: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The grammar [G, V_tasks] with False columns up to the model's `vocab_size` outputs."""
+    missing = max(vocab_size - grammar.shape[1], 0)
+    return np.pad(grammar, ((0, 0), (0, missing)), constant_values=False)
+
+
 def _decode_config(max_len: int, top_p: float) -> decode.DecodeConfig:
     if top_p > 0:
         return decode.DecodeConfig(max_len=max_len, method="sample", top_p=top_p)
@@ -117,8 +123,11 @@ class Predictor:
         self.keypoint_labels = {
             class_names.index(name) for name in self.options.keypoint_classes if name in class_names
         }
+        # A decoder may have more outputs than the tasks' vocabulary (model.decoder.vocab_size
+        # set larger by hand): those ids are never allowed.
+        width = config.model.decoder.get("vocab_size") or 0
         self.masks = {
-            name: _token_mask(codec.grammar(), codec.PROMPT_LENGTH)
+            name: _token_mask(_padded(codec.grammar(), width), codec.PROMPT_LENGTH)
             for name, codec in self.tasks.items()
         }
         self.rng = jax.random.key(self.options.seed)

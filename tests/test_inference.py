@@ -198,3 +198,13 @@ def test_detection_scores_are_class_token_probabilities_of_a_full_recomputation(
                 expected.append(probs[generated[position]])
         np.testing.assert_allclose(np.sort(f["scores"]), np.sort(expected), rtol=2e-3)
         assert len(f["scores"]) > 0
+
+
+def test_grammar_masks_are_padded_to_a_wider_decoder_vocabulary():
+    from navit_seq.inference import _padded
+
+    grammar = np.array([[True, False], [False, True]])
+    padded = _padded(grammar, 5)
+    assert padded.shape == (2, 5) and not padded[:, 2:].any()
+    np.testing.assert_array_equal(padded[:, :2], grammar)
+    assert _padded(grammar, 0).shape == (2, 2)  # unset: the tasks' own width

@@ -35,7 +35,7 @@ from navit_seq.train import loop  # noqa: E402
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230)}
 TRAIN_IMAGES = flags.DEFINE_integer("train_images", 3000, "toy training images")
 HELDOUT_IMAGES = flags.DEFINE_integer("heldout_images", 200, "held-out images (losses)")
-AP_IMAGES = flags.DEFINE_integer("ap_images", 100, "held-out images scored for AP")
+AP_IMAGES = diagnose.AP_IMAGES  # --ap_images: held-out images scored for AP (default 100)
 DETECTION_TASK_ID = 1  # navit_seq.tasks.sequence.detection
 
 
@@ -78,6 +78,8 @@ def toy_detection(config, train_images: int, heldout_images: int, ap_images: int
     with config.unlocked():
         config.data.task.num_classes = len(COLOURS)
         config.data.task.text_vocab_size = 1  # no text: the vocabulary needs no tokenizer
+        decoder = config.model.decoder  # sized again from the toy vocabulary
+        decoder.vocab_size, decoder.coord_offset, decoder.num_bins = 0, None, 0
     train = toy_examples(train_images, seed=0)
     held_out = toy_examples(heldout_images, seed=1)
     objective = dataclasses.replace(
