@@ -34,6 +34,17 @@ def tiny_recipe(data_dir: str):
     return config
 
 
+def tiny_detection_run(data_dir: str, steps: int = 2):
+    """`tiny_recipe` detection-only for `steps` training steps on one device (the experiment
+    scripts' smoke tests)."""
+    config = tiny_recipe(data_dir)
+    config.data.tasks = (("detection", 1.0),)
+    config.data.update(batch_size=4, max_rows_per_seq=2)
+    config.update(num_train_steps=steps, log_every_steps=1)
+    config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
+    return config
+
+
 @pytest.fixture(scope="module")
 def recipe_and_model(scenes_data_dir):
     from navit_seq.train import sequence

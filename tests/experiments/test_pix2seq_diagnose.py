@@ -9,16 +9,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[2] / "experiments" / "pix2seq"))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import diagnose  # noqa: E402
-from test_inference import tiny_recipe  # noqa: E402
+from test_inference import tiny_detection_run  # noqa: E402
 
 
 @pytest.mark.slow  # compiles a train step, an eval step and the detection decoder (~40 s)
 def test_diagnose_reports_real_and_grey_losses_gradients_and_ap(scenes_data_dir):
-    config = tiny_recipe(scenes_data_dir)
-    config.data.tasks = (("detection", 1.0),)
-    config.data.update(batch_size=4, max_rows_per_seq=2)
-    config.update(num_train_steps=2, log_every_steps=1)
-    config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
+    config = tiny_detection_run(scenes_data_dir)
     result = diagnose.diagnose(config, eval_batches=1, ap_images=2)
     assert [step for step, _ in result["train_loss_history"]] == [1, 2]
     real, grey = result["eval_loss_real_images"], result["eval_loss_grey_images"]

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[2] / "experiments" / "pix2seq"))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import toy_detection  # noqa: E402
-from test_inference import tiny_recipe  # noqa: E402
+from test_inference import tiny_detection_run  # noqa: E402
 
 
 def test_toy_boxes_are_the_painted_squares():
@@ -24,11 +24,7 @@ def test_toy_boxes_are_the_painted_squares():
 
 @pytest.mark.slow  # compiles a train step, an eval step and the detection decoder (~40 s)
 def test_toy_detection_reports_losses_and_ap(scenes_data_dir):
-    config = tiny_recipe(scenes_data_dir)
-    config.data.tasks = (("detection", 1.0),)
-    config.data.update(batch_size=4, max_rows_per_seq=2)
-    config.update(num_train_steps=2, log_every_steps=1)
-    config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
+    config = tiny_detection_run(scenes_data_dir)
     result = toy_detection.toy_detection(config, train_images=16, heldout_images=8, ap_images=4)
     assert result["steps"] == 2 and np.isfinite(result["train_loss_last"])
     assert 0 <= result["bbox"]["bbox_AP50"] <= 1
