@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_classes=0,  # 0: the dataset's (80 COCO classes)
         num_bins=1000,  # (paper) coordinate quantization bins
         max_instances=16,  # (assumed) segmentation / keypoint rows per image in training
+        object_order="random",  # (paper) detection objects in random order
     )
 
     config.model = default_pix2seq_config()

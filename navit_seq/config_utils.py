@@ -189,9 +189,16 @@ def save_config(config: ml_collections.ConfigDict, path: Path) -> None:
     path.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2) + "\n")
 
 
-def check_same_recipe(config: ml_collections.ConfigDict, path: Path) -> None:
-    """Refuses to resume a workdir whose saved run (`path`, its config.json) trained another
-    trainer or model: restoring its checkpoint would fail deep inside Orbax instead."""
+def check_same_recipe(
+    config: ml_collections.ConfigDict,
+    path: Path,
+    *,
+    use: str = "resuming it",
+    fix: str = "Pass a new --workdir, or delete that one to start over.",
+) -> None:
+    """Refuses to resume (or, with `use`/`fix` saying so, start from) a workdir whose saved
+    run (`path`, its config.json) trained another trainer or model: restoring its checkpoint
+    would fail deep inside Orbax instead."""
     if not path.exists():
         return
     saved = json.loads(path.read_text())
@@ -200,8 +207,7 @@ def check_same_recipe(config: ml_collections.ConfigDict, path: Path) -> None:
     if differing:
         sys.exit(
             f"error: {path.parent} holds a run with a different {' and '.join(differing)} "
-            f"(see {path}); resuming it with this recipe cannot work. Pass a new --workdir, or "
-            "delete that one to start over."
+            f"(see {path}); {use} with this recipe cannot work. {fix}"
         )
 
 

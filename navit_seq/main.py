@@ -6,6 +6,7 @@ The trainer is `navit_seq.train.<config.trainer>` (or a full module path): one p
 """
 
 import importlib
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -36,6 +37,12 @@ def main(argv: list[str]) -> None:
     cpu_settings = cpu_runtime.prepare_process_for_training()
     workdir.mkdir(parents=True, exist_ok=True)
     config_utils.check_same_recipe(config, workdir / "config.json")
+    if config.get("init_from"):
+        config_utils.check_same_recipe(
+            config, Path(config.init_from) / "config.json",
+            use=f"config.init_from={config.init_from!r}: starting from it",
+            fix="Point init_from at a run of the same trainer and model (e.g. an earlier stage).",
+        )  # fmt: skip
     if jax.process_index() == 0:
         config_utils.save_config(config, workdir / "config.json")
     print(f"navit_seq.main: {jax.device_count()} devices ({jax.process_count()} processes); "

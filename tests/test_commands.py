@@ -268,3 +268,16 @@ def test_resuming_a_workdir_of_another_model_is_refused_naming_it(tmp_path):
         other.model.dropout = 0.5
     with pytest.raises(SystemExit, match=r"different model .*new --workdir"):
         config_utils.check_same_recipe(other, tmp_path / "config.json")
+
+
+def test_starting_from_a_run_of_another_model_is_refused_naming_init_from(tmp_path):
+    saved = toy.toy_config()
+    config_utils.save_config(saved, tmp_path / "config.json")
+    other = toy.toy_config()
+    with other.unlocked():
+        other.model.dropout = 0.5
+    with pytest.raises(SystemExit, match=r"different model .*init_from=.*same trainer and model"):
+        config_utils.check_same_recipe(
+            other, tmp_path / "config.json", use=f"config.init_from={str(tmp_path)!r}: "
+            "starting from it", fix="Point init_from at a run of the same trainer and model.",
+        )  # fmt: skip

@@ -40,7 +40,7 @@ FIELDS = ("ymin", "xmin", "ymax", "xmax", "class")  # a detection object's 5 tok
 SLOTS = 3  # first objects of a row broken down per field
 
 
-def _blank(batch: dict) -> dict:
+def grey_patches(batch: dict) -> dict:
     return {**batch, "patches": np.full_like(batch["patches"], MID_GREY)}
 
 
@@ -49,7 +49,7 @@ def _eval_loss(trainer, state, batches, transform) -> dict[str, float]:
     return {k: round(v, 4) for k, v in metrics.items() if k.startswith("loss")}
 
 
-def _eval_batches(objective, num_batches: int) -> list[dict]:
+def first_eval_batches(objective, num_batches: int) -> list[dict]:
     batches, iterator = [], iter(objective.eval_iterator())
     try:
         for _ in range(num_batches):
@@ -61,7 +61,7 @@ def _eval_batches(objective, num_batches: int) -> list[dict]:
     return batches
 
 
-def _field_losses(trainer, state, batches, transform, detection_id) -> dict[str, float]:
+def field_losses(trainer, state, batches, transform, detection_id) -> dict[str, float]:
     """Mean token loss per (object slot, field) of the detection rows (response token t is
     object t // 5, field t % 5: the prompt is one token), and over all later objects."""
     model = nnx.merge(trainer.graphdef, state.params, state.model_state)
@@ -101,7 +101,7 @@ def _grad_norms(trainer, state, objective, batch) -> dict[str, float]:
     return {part: float(optax.global_norm(grads[part])) for part in grads}
 
 
-def _train(trainer, objective, config) -> tuple[object, list, dict]:
+def train_in_process(trainer, objective, config) -> tuple[object, list, dict]:
     """(state, loss history, gradient norms on the last batch) after num_train_steps steps."""
     state = trainer.init_state()
     train_iter = objective.train_iterator()
@@ -138,7 +138,7 @@ def diagnose(config, eval_batches: int, ap_images: int, workdir: str = "") -> di
         step, state = _restore(trainer, workdir)
         result = {"workdir": workdir, "steps": step}
     else:
-        state, history, grads = _train(trainer, objective, config)
+        state, history, grads = train_in_process(trainer, objective, config)
         step = config.num_train_steps
         result = {
             "steps": step,
@@ -146,13 +146,13 @@ def diagnose(config, eval_batches: int, ap_images: int, workdir: str = "") -> di
             "train_loss_history": history,
             "grad_norm": grads,
         }
-    batches = _eval_batches(objective, eval_batches)
+    batches = first_eval_batches(objective, eval_batches)
     result["eval_loss_real_images"] = _eval_loss(trainer, state, batches, lambda b: b)
-    result["eval_loss_grey_images"] = _eval_loss(trainer, state, batches, _blank)
+    result["eval_loss_grey_images"] = _eval_loss(trainer, state, batches, grey_patches)
     ids = sequence.task_ids(config)
     if "detection" in ids:
-        real = _field_losses(trainer, state, batches, lambda b: b, ids["detection"])
-        grey = _field_losses(trainer, state, batches, _blank, ids["detection"])
+        real = field_losses(trainer, state, batches, lambda b: b, ids["detection"])
+        grey = field_losses(trainer, state, batches, grey_patches, ids["detection"])
         result["detection_field_loss_real_vs_grey"] = {k: (real[k], grey[k]) for k in real}
     if ap_images and objective.evaluate_split is not None:
         config = config.copy_and_resolve_references()

@@ -3,8 +3,7 @@
     python experiments/pix2seq/toy_detection.py \
         --config configs/pix2seq_scenes.py:steps=300,tasks=detection [--config.x=y ...]
 
-(The recipe still reads its tokenizer-free vocabulary options from `data.task`; nothing is read
-from `data.data_dir`.)
+Nothing is read from `data.data_dir`: the vocabulary is sized from the toy's 3 classes, no text.
 
 The scenes are hard (12 classes, up to 10 overlapping objects, textured backgrounds); this
 is the easy control: 1-3 squares of 3 colours (20-40% of the image side) on a noisy grey
@@ -30,13 +29,12 @@ from flax import nnx  # noqa: E402
 from navit_seq import config_utils, cpu_runtime, inference, pipeline  # noqa: E402
 from navit_seq import main as main_lib  # noqa: E402
 from navit_seq.evaluation import coco  # noqa: E402
-from navit_seq.train import loop  # noqa: E402
+from navit_seq.train import loop, sequence  # noqa: E402
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230)}
 TRAIN_IMAGES = flags.DEFINE_integer("train_images", 3000, "toy training images")
 HELDOUT_IMAGES = flags.DEFINE_integer("heldout_images", 200, "held-out images (losses)")
 AP_IMAGES = diagnose.AP_IMAGES  # --ap_images: held-out images scored for AP (default 100)
-DETECTION_TASK_ID = 1  # navit_seq.tasks.sequence.detection
 
 
 def toy_examples(count: int, seed: int, max_objects: int = 3) -> list[dict]:
@@ -90,11 +88,12 @@ def toy_detection(config, train_images: int, heldout_images: int, ap_images: int
     )
     trainer = loop.Trainer(config, objective)
     started = time.perf_counter()
-    state, history, _ = diagnose._train(trainer, objective, config)
+    state, history, _ = diagnose.train_in_process(trainer, objective, config)
     train_seconds = time.perf_counter() - started
-    batches = diagnose._eval_batches(objective, 4)
-    real = diagnose._field_losses(trainer, state, batches, lambda b: b, DETECTION_TASK_ID)
-    grey = diagnose._field_losses(trainer, state, batches, diagnose._blank, DETECTION_TASK_ID)
+    batches = diagnose.first_eval_batches(objective, 4)
+    detection_id = sequence.task_ids(config)["detection"]
+    real = diagnose.field_losses(trainer, state, batches, lambda b: b, detection_id)
+    grey = diagnose.field_losses(trainer, state, batches, diagnose.grey_patches, detection_id)
     model = nnx.merge(trainer.graphdef, state.params, state.model_state)
     with trainer.context():
         predictions = inference.Predictor(config, model).predict(held_out[:ap_images])

@@ -4,8 +4,7 @@ Training follows Pix2Seq (Chen et al. 2022): objects in `object_order` (random b
 the sequence is filled up to `max_objects` with noise objects labelled FAKE (jittered
 duplicates of real boxes, real boxes shifted to a random centre, random boxes) whose
 coordinates weigh 0 and whose class weighs `noise_class_weight`; the decoder's input class
-tokens are corrupted. END weighs
-`end_weight`. One row per image: arrays [1, T].
+tokens are corrupted. END weighs `end_weight`. One row per image: arrays [1, T].
 """
 
 import dataclasses
@@ -25,9 +24,9 @@ CLASS_CORRUPTIONS = (
     "rand_n_fake_cls",  # a random class or FAKE, 50/50 (Pix2Seq's default)
     "real_n_rand_n_fake_cls",  # true 50%, else random or FAKE 50/50
 )
-# The order of the real objects in a training row (Pix2Seq §3.1, Fig. 8: random is best at
-# the end of long training; a fixed order gives each position one right answer, which a short
-# run learns sooner). Evaluation rows use the same order (their loss is then comparable).
+# The order of the real objects in a row. Pix2Seq (Chen et al. 2021) ablates random, area and
+# dist2ori ordering and keeps random for long training; a fixed order gives each position one
+# right answer. Fixed orders apply to evaluation rows too (their loss is then comparable).
 OBJECT_ORDERS = (
     "random",  # a fresh permutation per example (Pix2Seq's default)
     "area",  # largest box first

@@ -148,3 +148,11 @@ def test_initialised_from_takes_parameters_but_starts_at_step_zero_with_fresh_mo
         np.testing.assert_array_equal(a, b)
     for a, b in zip(leaves(started.opt_state), leaves(fresh.opt_state), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_initialising_from_a_workdir_without_checkpoints_names_init_from(trained, tmp_path):
+    trainer, *_ = trained
+    with pytest.raises(
+        FileNotFoundError, match=r"config.init_from=.*No checkpoint in .*init_from=''"
+    ):
+        loop.initialized_from(trainer, tmp_path)
