@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from navit_seq import decode
+from navit_seq import decode, pipeline
 from navit_seq.data import patches, resolution
 from navit_seq.tasks.keypoints import NUM_KEYPOINTS, RESPONSE_LENGTH, crop_image
 from navit_seq.tasks.segmentation import polygons_to_rle
@@ -135,16 +135,15 @@ class Predictor:
 
     # Packing.
     def _image_tokens(self, image: np.ndarray, example_id: int) -> dict[str, np.ndarray]:
-        """The eval-time view of an image: largest grid within the token budget, patchified."""
+        """The eval-time view of an image (`pipeline.eval_resolution_config`), patchified."""
         height, width = image.shape[:2]
-        budget = ml_collections.ConfigDict({**self.data.resolution, "kind": "token_budget"})
         rows, cols, _ = resolution.sample_grid(
-            budget,
+            pipeline.eval_resolution_config(self.data),
             height,
             width,
             self.data.patch_size,
             self.data.eval_max_tokens,
-            np.random.default_rng(0),  # unused by the token-budget sampler
+            np.random.default_rng(0),  # the eval samplers draw nothing
             max_grid_side=self.data.max_grid_side,
         )
         size = self.data.patch_size

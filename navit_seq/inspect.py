@@ -159,7 +159,9 @@ def main(argv: Sequence[str]) -> None:
     if first is not None:
         draw_rows(first, config.patch_size, options["rows-shown"].value, picture)
     mode = "eval" if options.eval else "train"
-    resolution_kind = "token_budget" if options.eval else config.resolution.kind
+    resolution_kind = (
+        pipeline.eval_resolution_config(config).kind if options.eval else config.resolution.kind
+    )
     print(f"source: {source_name} ({len(source)} examples), mode: {mode}")
     print(
         f"L={config.seq_len} B={config.batch_size} E_max={config.max_examples_per_seq} "

@@ -49,6 +49,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             "resolution": resolution.default_resolution_config(),
             "augment": augment.default_augment_config(),  # training only (flips)
             "eval_max_tokens": 256,  # evaluation: largest size with at most this many tokens
+            # Evaluation at a fixed test resolution: > 0 resizes each image's longer side to
+            # this many pixels (shrunk to eval_max_tokens if larger); 0: the token budget.
+            "eval_side": 0,
             # Longest image side in patches (0: no limit); keep <= model.posemb.max_len so a
             # learned position table is never indexed out of range.
             "max_grid_side": 64,
@@ -91,6 +94,11 @@ def validate_data_config(config: ml_collections.ConfigDict, process_count: int =
     if not 0 < config.eval_max_tokens <= config.seq_len:
         raise ValueError(
             f"data.eval_max_tokens={config.eval_max_tokens}; use 1..seq_len={config.seq_len}."
+        )
+    if config.get("eval_side", 0) < 0:
+        raise ValueError(
+            f"data.eval_side={config.eval_side}; use 0 (the token budget) or a longer side in "
+            "pixels."
         )
     mixing.validate_mixing_config(config)
 
@@ -250,8 +258,8 @@ def per_image_dataset(
     ds = ds.map_with_index(AddIndex("stream_index"))  # position in this host's stream
     if train:
         resolution_config, max_tokens = config.resolution, config.seq_len
-    else:  # evaluation: the largest size that fits the token budget, deterministic
-        resolution_config = ml_collections.ConfigDict({**config.resolution, "kind": "token_budget"})
+    else:  # evaluation: deterministic, at a fixed side or the largest that fits the budget
+        resolution_config = eval_resolution_config(config)
         max_tokens = config.eval_max_tokens
     ragged_names = {spec.name for task in task_list for spec in task.ragged_specs(config)}
     augment_config = config.get("augment", augment.default_augment_config())
@@ -267,6 +275,15 @@ def per_image_dataset(
             flip_probability=augment_config.flip_left_right,
         )
     )
+
+
+def eval_resolution_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The (deterministic) resolution sampler of evaluation: `data.eval_side` or the budget."""
+    side = config.get("eval_side", 0)
+    if side > 0:  # U(side, side): every longer side is exactly `side` pixels
+        fixed = {"kind": "uniform_side", "min_side": side, "max_side": side}
+        return ml_collections.ConfigDict({**config.resolution, **fixed})
+    return ml_collections.ConfigDict({**config.resolution, "kind": "token_budget"})
 
 
 def make_dataset(

@@ -41,6 +41,8 @@ SCENE_HELP = {
     "max_side": "largest image side in pixels",
     "vocab_size": "SentencePiece vocabulary size (at most; small corpora give fewer)",
 }
+# The names of builders.scenes.VARIANTS, kept here so `--help` imports no TensorFlow.
+SCENE_VARIANTS = ("scenes", "scene_shapes", "scenes_easy")
 PICTURE_SIDE = 320  # each example is drawn with its long side scaled to this many pixels
 PICTURES_PER_ROW = 4
 # Distinct outline colours for annotations (not the scene palette, so they stand out).
@@ -50,8 +52,14 @@ ANNOTATION_COLOURS = (
 )  # fmt: skip
 
 
-def build_scenes(data_dir: str | os.PathLike, num_workers: int | None = None, **options) -> str:
-    """Builds the scene dataset in `data_dir` unless it is already there; returns its folder.
+def build_scenes(
+    data_dir: str | os.PathLike,
+    num_workers: int | None = None,
+    variant: str = "scenes",
+    **options,
+) -> str:
+    """Builds the scene dataset `variant` (a name in builders.scenes.VARIANTS) in `data_dir`
+    unless it is already there; returns its folder.
 
     `options` override SCENE_DEFAULTS (sizes, seed, side range, vocab size). A dataset already
     built there with other options is an error, never silently reused or overwritten.
@@ -61,7 +69,9 @@ def build_scenes(data_dir: str | os.PathLike, num_workers: int | None = None, **
     unknown = sorted(set(options) - set(SCENE_DEFAULTS))
     if unknown:
         raise TypeError(f"build_scenes: unknown options {unknown}; known: {list(SCENE_DEFAULTS)}.")
-    builder = scenes.Scenes(
+    if variant not in scenes.VARIANTS:
+        raise ValueError(f"build_scenes: variant={variant!r}; use one of {list(scenes.VARIANTS)}.")
+    builder = scenes.VARIANTS[variant](
         data_dir=os.fspath(data_dir), num_workers=num_workers, **{**SCENE_DEFAULTS, **options}
     )
     wanted = builder.generation_parameters()
@@ -200,6 +210,14 @@ def _parser() -> argparse.ArgumentParser:
     scenes.add_argument(
         "--num-workers", type=int, default=None, help="processes drawing scenes (None: up to 2)"
     )
+    scenes.add_argument(
+        "--variant",
+        choices=SCENE_VARIANTS,
+        default="scenes",
+        help="scenes: 1-10 objects on textured backgrounds (every task); scene_shapes: one "
+        "large object (shape classification); scenes_easy: 1-3 large objects on plain "
+        "backgrounds (the quickstart). The variant is also the dataset's name (data.name)",
+    )
     coco = commands.add_parser(
         "coco", help="convert a local COCO-format folder", formatter_class=defaults_shown
     )
@@ -239,9 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "scenes":
         options = {option: getattr(args, option) for option in SCENE_DEFAULTS}
         start = time.perf_counter()
-        dataset_dir = build_scenes(args.data_dir, num_workers=args.num_workers, **options)
+        dataset_dir = build_scenes(
+            args.data_dir, num_workers=args.num_workers, variant=args.variant, **options
+        )
         seconds = time.perf_counter() - start
-        name, first_split = "scenes", "train"
+        name, first_split = args.variant, "train"
         with open(os.path.join(dataset_dir, "build_report.json")) as f:
             print(json.dumps(json.load(f), indent=1))
         print(f"scene dataset in {dataset_dir} (tokenizer: {dataset_dir}/sentencepiece.model)")

@@ -72,6 +72,8 @@ class SceneSpec:
     min_visible_pixels: int = 16
     min_visible_fraction: float = 0.1
     num_captions: int = 5
+    backgrounds: tuple[str, ...] = BACKGROUNDS  # the kinds a scene draws its background from
+    person_probability: float = PERSON_PROBABILITY  # the rest: the 11 shapes, equally likely
 
     def __post_init__(self):
         if not 8 <= self.min_side <= self.max_side:
@@ -87,6 +89,15 @@ class SceneSpec:
             raise ValueError(
                 f"SceneSpec: need 1 <= min_objects <= max_objects, got {self.min_objects}, "
                 f"{self.max_objects}."
+            )
+        unknown = sorted(set(self.backgrounds) - set(BACKGROUNDS))
+        if not self.backgrounds or unknown:
+            raise ValueError(
+                f"SceneSpec.backgrounds={self.backgrounds!r}: use a non-empty subset of {BACKGROUNDS}."
+            )
+        if not 0 <= self.person_probability <= 1:
+            raise ValueError(
+                f"SceneSpec.person_probability={self.person_probability} must be in [0, 1]."
             )
         if self.combos not in ("seen", "heldout"):
             raise ValueError(f"SceneSpec.combos={self.combos!r}: use 'seen' or 'heldout'.")
@@ -118,7 +129,7 @@ def render_scene(
 ) -> RenderedScene:
     """Draws one scene and returns its image and annotations (see the module docstring)."""
     height, width = _sample_image_size(rng, spec)
-    background_name, image = _background(rng, height, width)  # [H, W, 3] uint8
+    background_name, image = _background(rng, height, width, spec.backgrounds)  # [H, W, 3] uint8
     objects = [
         _sample_object(rng, spec, height, width)
         for _ in range(rng.integers(spec.min_objects, spec.max_objects + 1))
@@ -184,9 +195,12 @@ def _sample_image_size(rng: np.random.Generator, spec: SceneSpec) -> tuple[int, 
     return clip(short_side), clip(long_side)
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> tuple[str, np.ndarray]:
-    """A muted textured background, so objects are not cut out by a colour threshold."""
-    name = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+def _background(
+    rng: np.random.Generator, height: int, width: int, kinds: tuple[str, ...] = BACKGROUNDS
+) -> tuple[str, np.ndarray]:
+    """A muted background of one of `kinds` (textured ones, so objects are not cut out by a
+    colour threshold)."""
+    name = kinds[rng.integers(len(kinds))]
     ys = np.arange(height, dtype=np.float32)
     xs = np.arange(width, dtype=np.float32)
     if name == "plain":
@@ -216,7 +230,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> tuple[str,
 
 
 def _sample_object(rng: np.random.Generator, spec: SceneSpec, height: int, width: int) -> _Object:
-    if rng.uniform() < PERSON_PROBABILITY:
+    if rng.uniform() < spec.person_probability:
         label = 0
     else:
         label = int(rng.integers(1, len(CLASS_NAMES)))

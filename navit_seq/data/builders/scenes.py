@@ -32,6 +32,8 @@ MIN_EXAMPLES_FOR_POOL = 256
 class Scenes(tfds.core.GeneratorBasedBuilder):
     """Procedural scenes with boxes, masks, polygons, keypoints, captions and phrases."""
 
+    # SceneSpec fields a variant of the dataset fixes (the subclasses below); none here.
+    SPEC: dict[str, Any] = {}
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
     # TFDS looks for download checksums next to a builder's code, and on this install that look-up
@@ -60,7 +62,9 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
             raise ValueError("Scenes: train_size=0; the tokenizer is trained on train captions.")
         self.sizes = sizes
         self.seed = seed
-        self.spec = scene_render.SceneSpec(min_side=min_side, max_side=max_side)  # validates
+        self.spec = scene_render.SceneSpec(  # validates
+            min_side=min_side, max_side=max_side, **self.SPEC
+        )
         self.vocab_size = vocab_size
         self.num_workers = num_workers or min(2, os.cpu_count() or 1)
         self._train_text: list[str] = []
@@ -79,7 +83,7 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
 
     def generation_parameters(self) -> dict[str, Any]:
         """Everything the examples depend on (the build report records it)."""
-        return {
+        parameters = {
             "sizes": dict(self.sizes),
             "seed": self.seed,
             "min_side": self.spec.min_side,
@@ -87,6 +91,10 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
             "vocab_size": self.vocab_size,
             "version": str(self.VERSION),
         }
+        if self.SPEC:  # a variant (the plain scenes' reports predate this key)
+            parameters["scene_spec"] = {key: list(v) if isinstance(v, tuple) else v
+                                        for key, v in self.SPEC.items()}  # fmt: skip
+        return parameters
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # nothing to download
@@ -154,6 +162,36 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
         }
         with open(os.path.join(self.data_dir, REPORT_FILE), "w") as f:
             json.dump(report, f, indent=2)
+
+
+class SceneShapes(Scenes):
+    """One large object per image, every class equally likely: shape classification, where fine
+    detail matters (a hexagon, a circle and a pentagon blur together at a few pixels)."""
+
+    SPEC = {
+        "min_objects": 1,
+        "max_objects": 1,
+        "min_object_fraction": 0.45,
+        "max_object_fraction": 0.9,
+        "person_probability": 1 / len(scene_render.CLASS_NAMES),
+    }
+
+
+class ScenesEasy(Scenes):
+    """One to three large objects on plain backgrounds: every task of the scenes, learnable in
+    minutes on a CPU (the quickstart's data)."""
+
+    SPEC = {
+        "min_objects": 1,
+        "max_objects": 3,
+        "min_object_fraction": 0.25,
+        "max_object_fraction": 0.55,
+        "backgrounds": ("plain",),
+    }
+
+
+# Dataset name (`config.data.name`) -> builder; `python -m navit_seq.data.build scenes --variant`.
+VARIANTS = {"scenes": Scenes, "scene_shapes": SceneShapes, "scenes_easy": ScenesEasy}
 
 
 def read_report(dataset_dir: str | os.PathLike) -> dict[str, Any]:
