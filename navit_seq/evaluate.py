@@ -1,7 +1,8 @@
 """Evaluate a workdir's checkpoint: `python -m navit_seq.evaluate --config ... --workdir DIR`.
 
 Restores the latest (or `--step`) checkpoint onto this machine's mesh, runs the recipe's eval
-split and writes DIR/eval_results.json: `{"step": N, "split": ..., "metrics": {...}}`, and the
+split and writes DIR/eval_results.json (`--results_file`): `{"step": N, "split": ...,
+"metrics": {...}}`, and the
 same metrics to the metric writers (TensorBoard and metrics.jsonl, split `eval_<split>`).
 Objectives with a whole-split evaluation (the sequence objective with `config.evaluation`)
 add its metrics: bbox_AP, bbox_AP50, segm_AP, keypoints_AP, caption_BLEU4, caption_CIDEr, ...
@@ -19,6 +20,12 @@ from navit_seq.main import objective_for
 from navit_seq.train import checkpoint as checkpoint_lib
 from navit_seq.train import loop
 from navit_seq.train import metrics as metrics_lib
+
+RESULTS_FILE = flags.DEFINE_string(
+    "results_file", "eval_results.json",
+    "File in --workdir the results go to (e.g. one per test resolution: "
+    "--config.data.eval_side=32 --results_file=eval_side32.json).",
+)  # fmt: skip
 
 # absl's --help lists only the key flags of the command's own module.
 flags.adopt_module_key_flags(config_utils)
@@ -54,7 +61,7 @@ def main(argv: list[str]) -> None:
     logger.write(step, f"eval_{split}", metrics)
     logger.close()
     if jax.process_index() == 0:
-        path = workdir / "eval_results.json"
+        path = workdir / RESULTS_FILE.value
         path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         print(json.dumps(results, sort_keys=True))
         print(f"Wrote {path}")

@@ -13,10 +13,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
-
 from navit_seq import cli
 
 # TensorFlow-heavy modules (sources, features, builders) are imported inside the functions that
@@ -43,13 +39,7 @@ SCENE_HELP = {
 }
 # The names of builders.scenes.VARIANTS, kept here so `--help` imports no TensorFlow.
 SCENE_VARIANTS = ("scenes", "scene_shapes", "scenes_easy")
-PICTURE_SIDE = 320  # each example is drawn with its long side scaled to this many pixels
-PICTURES_PER_ROW = 4
-# Distinct outline colours for annotations (not the scene palette, so they stand out).
-ANNOTATION_COLOURS = (
-    (255, 255, 255), (0, 0, 0), (255, 0, 255), (0, 255, 0), (255, 128, 0), (0, 160, 255),
-    (255, 255, 0), (128, 0, 255), (0, 255, 200), (255, 0, 0),
-)  # fmt: skip
+PICTURES_PER_ROW = 4  # in the sample picture of `--show`
 
 
 def build_scenes(
@@ -105,57 +95,12 @@ def describe(example: dict[str, Any], names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def draw_annotations(
-    example: dict[str, Any], names: Sequence[str], side: int | None = PICTURE_SIDE
-) -> Image.Image:
-    """The image with masks tinted, polygons, boxes, class names and keypoints drawn, its long
-    side scaled to `side` pixels (None: the native resolution)."""
-    from navit_seq.data.features import KEYPOINT_SKELETON
-
-    image = example["image"]
-    height, width = image.shape[:2]
-    scale = 1.0 if side is None else side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL (w, h)
-    objects = example["objects"]
-    tinted = image.astype(np.float32)
-    for i, counts in enumerate(objects["mask_rle"]):
-        if counts:
-            mask = mask_utils.decode({"size": [height, width], "counts": counts}).astype(bool)
-            colour = np.asarray(ANNOTATION_COLOURS[i % len(ANNOTATION_COLOURS)], np.float32)
-            tinted[mask] = 0.55 * tinted[mask] + 0.45 * colour
-    picture = Image.fromarray(tinted.astype(np.uint8)).resize(size, Image.NEAREST)
-    canvas = ImageDraw.Draw(picture)
-    to_xy = lambda yx: [(float(x * size[0]), float(y * size[1])) for y, x in yx]
-    start = 0
-    polygon_owner = np.repeat(np.arange(len(objects["label"])), objects["num_polygons"])
-    for owner, count in zip(polygon_owner, example["polygon_sizes"], strict=True):
-        points = to_xy(example["polygon_points"][start : start + count])
-        colour = ANNOTATION_COLOURS[owner % len(ANNOTATION_COLOURS)]
-        canvas.line([*points, points[0]], fill=colour, width=1)
-        start += count
-    for i, label in enumerate(objects["label"]):
-        colour = ANNOTATION_COLOURS[i % len(ANNOTATION_COLOURS)]
-        (x0, y0), (x1, y1) = to_xy(objects["bbox"][i].reshape(2, 2))
-        canvas.rectangle((x0, y0, x1, y1), outline=colour, width=2)
-        canvas.text((x0 + 2, y0 + 1), names[label], fill=colour)
-        keypoints = objects["keypoints"][i]
-        labelled = keypoints[:, 2] > 0
-        points = to_xy(keypoints[:, :2])
-        for a, b in KEYPOINT_SKELETON:  # 1-based COCO indices
-            if labelled[a - 1] and labelled[b - 1]:
-                canvas.line([points[a - 1], points[b - 1]], fill=(255, 255, 255), width=1)
-        for k in np.flatnonzero(labelled):
-            x, y = points[k]
-            fill = (0, 255, 0) if keypoints[k, 2] == 2 else (255, 0, 0)  # visible / occluded
-            canvas.ellipse((x - 3, y - 3, x + 3, y + 3), fill=fill, outline=(0, 0, 0))
-    return picture
-
-
 def print_sample(
     name: str, split: str, data_dir: str | os.PathLike, num: int, picture_path: str | None = None
 ) -> str:
     """Prints `num` examples of the dataset and saves their annotations drawn in one PNG."""
     from navit_seq.data import sources
+    from navit_seq.evaluation import draw
 
     source = sources.data_source(name, split, data_dir)
     names = sources.class_names(name, data_dir)
@@ -163,16 +108,12 @@ def print_sample(
     for index in range(min(num, len(source))):
         example = source[index]
         print(describe(example, names))
-        pictures.append(draw_annotations(example, names))
+        pictures.append(draw.draw_annotations(example, names))
     if not pictures:
         raise ValueError(f"print_sample: split {split!r} of {name!r} has no examples to show.")
-    rows = -(-len(pictures) // PICTURES_PER_ROW)
-    columns = min(len(pictures), PICTURES_PER_ROW)
-    sheet = Image.new("RGB", (columns * PICTURE_SIDE, rows * PICTURE_SIDE), (32, 32, 32))
-    for i, picture in enumerate(pictures):
-        sheet.paste(picture, ((i % columns) * PICTURE_SIDE, (i // columns) * PICTURE_SIDE))
+    rows = [pictures[i : i + PICTURES_PER_ROW] for i in range(0, len(pictures), PICTURES_PER_ROW)]
     picture_path = picture_path or os.path.join(os.fspath(data_dir), f"{name}_{split}_samples.png")
-    sheet.save(picture_path)
+    draw.save_grid(rows, picture_path)
     print(f"saved a picture of {len(pictures)} annotated examples to {picture_path}")
     return picture_path
 

@@ -93,7 +93,8 @@ class SceneSpec:
         unknown = sorted(set(self.backgrounds) - set(BACKGROUNDS))
         if not self.backgrounds or unknown:
             raise ValueError(
-                f"SceneSpec.backgrounds={self.backgrounds!r}: use a non-empty subset of {BACKGROUNDS}."
+                f"SceneSpec.backgrounds={self.backgrounds!r}: use a non-empty subset of "
+                f"{BACKGROUNDS}."
             )
         if not 0 <= self.person_probability <= 1:
             raise ValueError(

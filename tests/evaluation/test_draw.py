@@ -99,6 +99,15 @@ def test_ground_truth_is_drawn_at_native_resolution_with_its_box():
     assert lit(picture, 20, 75) and lit(picture, 40, 60) and not lit(picture, 40, 75)
 
 
+def test_prediction_drawn_at_a_display_side_scales_the_picture_not_the_labels():
+    prediction = {"boxes": np.array([[0.25, 0.5, 0.75, 0.75]]), "labels": [1], "scores": [0.9]}
+    picture = draw.draw_prediction(black(), prediction, NAMES, side=2 * max(HEIGHT, WIDTH))
+    assert picture.size == (2 * WIDTH, 2 * HEIGHT)
+    pixels = np.asarray(picture)
+    assert pixels[2 * HEIGHT // 2, round(2 * WIDTH * 0.5)].any()  # the box edge, scaled
+    assert not pixels[2 * HEIGHT // 2, round(2 * WIDTH * 0.6)].any()  # inside the box
+
+
 def test_grid_puts_each_picture_in_its_cell(tmp_path):
     red = Image.new("RGB", (40, 20), (255, 0, 0))
     blue = Image.new("RGB", (20, 40), (0, 0, 255))
@@ -124,10 +133,17 @@ def test_prediction_grid_shows_prediction_then_ground_truth_per_image(tmp_path):
         "polygon_sizes": np.zeros((0,), np.int32),
         "captions": np.array([], object),
     }
-    path = draw.save_prediction_grid([example] * 2, [{}, {}], NAMES, tmp_path / "grid.png")
+    path = draw.save_prediction_grid(
+        [example] * 3, [{}, {}, {}], NAMES, tmp_path / "grid.png", pairs_per_row=2
+    )
     sheet = np.asarray(Image.open(path))
-    cell = draw.GRID_CELL_SIDE
-    assert sheet.shape == (2 * cell, 2 * cell, 3)
-    assert tuple(sheet[10, 10]) == tuple(sheet[10, cell + 10]) == (200, 200, 200)
+    cell, top = draw.GRID_CELL_SIDE, draw.TEXT_LINE_HEIGHT + 4  # the column titles' band
+    shown_height = round(cell * min(HEIGHT, WIDTH) / max(HEIGHT, WIDTH))
+    # Two pairs in the first grid row, one in the second; pictures drawn at the cell size.
+    assert sheet.shape == (top + 2 * shown_height, 4 * cell, 3)
+    for y, x in ((top + 5, 5), (top + 5, cell + 5), (top + 5, 3 * cell + 5), (-5, cell + 5)):
+        assert tuple(sheet[y, x]) == (200, 200, 200)
+    assert tuple(sheet[-5, 2 * cell + 5]) == draw.GRID_BACKGROUND  # no third pair
+    assert tuple(sheet[top // 2, 3 * cell - 5]) == draw.GRID_BACKGROUND  # title band
     with pytest.raises(ValueError, match="2 examples but 1 predictions"):
         draw.save_prediction_grid([example] * 2, [{}], NAMES, tmp_path / "bad.png")

@@ -169,6 +169,7 @@ class SceneShapes(Scenes):
     detail matters (a hexagon, a circle and a pentagon blur together at a few pixels)."""
 
     SPEC = {
+        "max_aspect_ratio": 1.5,  # the object fills the picture whatever its aspect ratio
         "min_objects": 1,
         "max_objects": 1,
         "min_object_fraction": 0.45,
