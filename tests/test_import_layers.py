@@ -20,7 +20,7 @@ LAYERS = (
     {"train"},
     {"main"},  # objective_for: the recipe -> objective step the other commands reuse
     {"predict"},
-    {"evaluate", "export", "inspect", "quickstart"},
+    {"evaluate", "export", "inspect", "quickstart", "plot", "experiment"},
 )
 LAYER_OF = {part: level for level, parts in enumerate(LAYERS) for part in parts}
 

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from navit_seq import config_utils, predict
+from navit_seq.data import drawing
 from navit_seq.evaluation import draw
 from navit_seq.train import loop, sequence
 
@@ -82,8 +83,10 @@ def test_grey_and_alpha_images_load_as_rgb(tmp_path):
 
 
 @pytest.mark.slow  # shares the 2-step workdir; compiles the decoder for each task
-def test_split_grid_has_one_row_per_image_prediction_then_ground_truth(workdir, tmp_path):
+def test_split_grid_shows_each_image_prediction_then_ground_truth(workdir, tmp_path):
     config, model = predict.restore_model(workdir)
     path = predict.save_split_grid(config, model, tmp_path / "grid.png", num_images=2)
     sheet = Image.open(path)
-    assert sheet.size == (2 * draw.GRID_CELL_SIDE, 2 * draw.GRID_CELL_SIDE)
+    # Two (prediction, ground truth) pairs side by side in one grid row, under the titles.
+    assert sheet.width == 2 * draw.PAIRS_PER_ROW * drawing.GRID_CELL_SIDE
+    assert sheet.height > drawing.TEXT_LINE_HEIGHT + drawing.GRID_CELL_SIDE // 3

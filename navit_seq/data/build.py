@@ -99,8 +99,7 @@ def print_sample(
     name: str, split: str, data_dir: str | os.PathLike, num: int, picture_path: str | None = None
 ) -> str:
     """Prints `num` examples of the dataset and saves their annotations drawn in one PNG."""
-    from navit_seq.data import sources
-    from navit_seq.evaluation import draw
+    from navit_seq.data import drawing, sources
 
     source = sources.data_source(name, split, data_dir)
     names = sources.class_names(name, data_dir)
@@ -108,12 +107,12 @@ def print_sample(
     for index in range(min(num, len(source))):
         example = source[index]
         print(describe(example, names))
-        pictures.append(draw.draw_annotations(example, names))
+        pictures.append(drawing.draw_annotations(example, names))
     if not pictures:
         raise ValueError(f"print_sample: split {split!r} of {name!r} has no examples to show.")
     rows = [pictures[i : i + PICTURES_PER_ROW] for i in range(0, len(pictures), PICTURES_PER_ROW)]
     picture_path = picture_path or os.path.join(os.fspath(data_dir), f"{name}_{split}_samples.png")
-    draw.save_grid(rows, picture_path)
+    drawing.save_grid(rows, picture_path)
     print(f"saved a picture of {len(pictures)} annotated examples to {picture_path}")
     return picture_path
 

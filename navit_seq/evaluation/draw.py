@@ -4,8 +4,9 @@ A prediction (`navit_seq.inference`) is `{"image_id", "boxes" [N, 4] (ymin, xmin
 normalized, "labels" [N], "scores" [N], "masks" [N] COCO RLE dicts at the stored image size
 (None: not segmented), "keypoints" [N, 17, 3] (y, x, score) normalized, "caption" str}`; any
 key may be missing.
-Ground truth is a decoded example (docs/architecture.md §1), drawn by `draw_annotations`
-(also the dataset builders' `--show` picture) plus its first caption.
+Ground truth is a decoded example (docs/architecture.md §1), drawn by
+`navit_seq.data.drawing.draw_annotations` (also the builders' `--show` picture) plus its first
+caption.
 """
 
 import os
@@ -16,28 +17,23 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from navit_seq.data.drawing import (
+    GRID_CELL_SIDE,
+    TEXT_COLOUR,
+    TEXT_LINE_HEIGHT,
+    colour_of,
+    draw_annotations,
+    save_grid,
+)
 from navit_seq.data.features import KEYPOINT_SKELETON, NUM_KEYPOINTS
 
-# Distinct outline colours for annotations (not the scene palette, so they stand out).
-ANNOTATION_COLOURS = (
-    (255, 255, 255), (0, 0, 0), (255, 0, 255), (0, 255, 0), (255, 128, 0), (0, 160, 255),
-    (255, 255, 0), (128, 0, 255), (0, 255, 200), (255, 0, 0),
-)  # fmt: skip
 MASK_OPACITY = 0.45  # share of the instance colour in a masked pixel
 KEYPOINT_RADIUS = 2  # pixels
 SKELETON_COLOUR = (255, 255, 255)
 KEYPOINT_COLOUR = (0, 255, 0)
 TEXT_BAND_COLOUR = (0, 0, 0)
-TEXT_COLOUR = (255, 255, 255)
-TEXT_LINE_HEIGHT = 12  # PIL's default bitmap font is ~11 px tall
 PER_OBJECT_KEYS = ("boxes", "labels", "scores", "masks", "keypoints")
-GRID_CELL_SIDE = 320  # each picture of a grid is scaled so its long side is this many pixels
-GRID_BACKGROUND = (32, 32, 32)
 PAIRS_PER_ROW = 2  # (prediction, ground truth) pairs side by side in a prediction grid
-
-
-def _colour(index: int) -> tuple[int, int, int]:
-    return ANNOTATION_COLOURS[index % len(ANNOTATION_COLOURS)]
 
 
 def _decode_mask(rle: Mapping[str, Any], height: int, width: int, index: int) -> np.ndarray:
@@ -109,7 +105,7 @@ def draw_prediction(
         mask = _decode_mask(prediction["masks"][i], height, width, i)  # [H, W] stored size
         if side:
             mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
-        colour = np.asarray(_colour(i), np.float32)
+        colour = np.asarray(colour_of(i), np.float32)
         tinted[mask] = (1 - MASK_OPACITY) * tinted[mask] + MASK_OPACITY * colour
     picture = Image.fromarray(tinted.astype(np.uint8))
     canvas = ImageDraw.Draw(picture)
@@ -131,7 +127,7 @@ def draw_prediction(
             r = KEYPOINT_RADIUS
             canvas.ellipse((x - r, y - r, x + r, y + r), fill=KEYPOINT_COLOUR)
     for i in shown if "boxes" in prediction else ():
-        colour = _colour(i)
+        colour = colour_of(i)
         (x0, y0), (x1, y1) = to_xy(np.asarray(prediction["boxes"][i], np.float32).reshape(2, 2))
         canvas.rectangle((x0, y0, x1, y1), outline=colour, width=2 if side else 1)
         label = ""
@@ -145,50 +141,6 @@ def draw_prediction(
     return picture
 
 
-def draw_annotations(
-    example: dict[str, Any], names: Sequence[str], side: int | None = GRID_CELL_SIDE
-) -> Image.Image:
-    """The image with masks tinted, polygons, boxes, class names and keypoints drawn, its long
-    side scaled to `side` pixels (None: the native resolution)."""
-    image = example["image"]
-    height, width = image.shape[:2]
-    scale = 1.0 if side is None else side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL (w, h)
-    objects = example["objects"]
-    tinted = image.astype(np.float32)
-    for i, counts in enumerate(objects["mask_rle"]):
-        if counts:
-            mask = mask_utils.decode({"size": [height, width], "counts": counts}).astype(bool)
-            colour = np.asarray(_colour(i), np.float32)
-            tinted[mask] = 0.55 * tinted[mask] + 0.45 * colour
-    picture = Image.fromarray(tinted.astype(np.uint8)).resize(size, Image.NEAREST)
-    canvas = ImageDraw.Draw(picture)
-    to_xy = lambda yx: [(float(x * size[0]), float(y * size[1])) for y, x in yx]
-    start = 0
-    polygon_owner = np.repeat(np.arange(len(objects["label"])), objects["num_polygons"])
-    for owner, count in zip(polygon_owner, example["polygon_sizes"], strict=True):
-        points = to_xy(example["polygon_points"][start : start + count])
-        colour = _colour(owner)
-        canvas.line([*points, points[0]], fill=colour, width=1)
-        start += count
-    for i, label in enumerate(objects["label"]):
-        colour = _colour(i)
-        (x0, y0), (x1, y1) = to_xy(objects["bbox"][i].reshape(2, 2))
-        canvas.rectangle((x0, y0, x1, y1), outline=colour, width=2)
-        canvas.text((x0 + 2, y0 + 1), names[label], fill=colour)
-        keypoints = objects["keypoints"][i]
-        labelled = keypoints[:, 2] > 0
-        points = to_xy(keypoints[:, :2])
-        for a, b in KEYPOINT_SKELETON:  # 1-based COCO indices
-            if labelled[a - 1] and labelled[b - 1]:
-                canvas.line([points[a - 1], points[b - 1]], fill=(255, 255, 255), width=1)
-        for k in np.flatnonzero(labelled):
-            x, y = points[k]
-            fill = (0, 255, 0) if keypoints[k, 2] == 2 else (255, 0, 0)  # visible / occluded
-            canvas.ellipse((x - 3, y - 3, x + 3, y + 3), fill=fill, outline=(0, 0, 0))
-    return picture
-
-
 def draw_ground_truth(
     example: Mapping[str, Any], class_names: Sequence[str], side: int | None = None
 ) -> Image.Image:
@@ -197,45 +149,6 @@ def draw_ground_truth(
     picture = draw_annotations(dict(example), class_names, side=side)
     captions = example.get("captions", ())
     return _draw_caption(picture, str(captions[0])) if len(captions) else picture
-
-
-def save_grid(
-    rows: Sequence[Sequence[Image.Image]],
-    path: str | os.PathLike,
-    cell_side: int = GRID_CELL_SIDE,
-    *,
-    scale: bool = True,
-    column_titles: Sequence[str] = (),
-) -> str:
-    """Saves pictures as a PNG grid (`rows` of pictures), columns `cell_side` wide. `scale`:
-    each picture is scaled so its long side is `cell_side` (every row `cell_side` tall);
-    False: pasted as they are (drawn at that size already), each row as tall as its tallest.
-    `column_titles` are written in a band above the first row. Returns the path."""
-    if not rows or not all(rows):
-        raise ValueError(f"save_grid: got {len(rows)} rows, some empty; give at least one picture.")
-    if scale:
-        rows = [[_scaled(picture, cell_side) for picture in row] for row in rows]
-    columns = max(len(row) for row in rows)
-    heights = [max(cell_side if scale else 0, *(p.height for p in row)) for row in rows]
-    top = TEXT_LINE_HEIGHT + 4 if column_titles else 0
-    sheet = Image.new("RGB", (columns * cell_side, top + sum(heights)), GRID_BACKGROUND)
-    canvas = ImageDraw.Draw(sheet)
-    for c, title in enumerate(column_titles):
-        canvas.text((c * cell_side + 4, 2), title, fill=TEXT_COLOUR)
-    y = top
-    for row, height in zip(rows, heights, strict=True):
-        for c, picture in enumerate(row):
-            sheet.paste(picture, (c * cell_side, y))
-        y += height
-    path = os.fspath(path)
-    sheet.save(path)
-    return path
-
-
-def _scaled(picture: Image.Image, side: int) -> Image.Image:
-    factor = side / max(picture.size)
-    size = (max(1, round(picture.width * factor)), max(1, round(picture.height * factor)))
-    return picture.resize(size, Image.NEAREST)
 
 
 def save_prediction_grid(

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from navit_seq.data import build, scene_render, sources, text
+from navit_seq.data import build, drawing, scene_render, sources, text
 from navit_seq.data.builders import scenes
-from navit_seq.evaluation import draw
 
 SIZES = {"train": 24, "validation": 8, "heldout": 8}
 BUILD_OPTIONS = {
@@ -163,7 +162,7 @@ def test_show_prints_examples_and_saves_an_annotated_picture(scenes_data_dir, tm
     from PIL import Image
 
     with Image.open(picture) as image:
-        assert image.size == (4 * draw.GRID_CELL_SIDE, 2 * draw.GRID_CELL_SIDE)
+        assert image.size == (4 * drawing.GRID_CELL_SIDE, 2 * drawing.GRID_CELL_SIDE)
 
 
 def test_command_line_builds_then_reports_where_it_wrote(scenes_data_dir, capsys):

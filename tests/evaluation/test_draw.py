@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from navit_seq.data import drawing
 from navit_seq.evaluation import draw
 
 NAMES = ("person", "circle")
@@ -111,12 +112,12 @@ def test_prediction_drawn_at_a_display_side_scales_the_picture_not_the_labels():
 def test_grid_puts_each_picture_in_its_cell(tmp_path):
     red = Image.new("RGB", (40, 20), (255, 0, 0))
     blue = Image.new("RGB", (20, 40), (0, 0, 255))
-    path = draw.save_grid([[red, blue], [blue]], tmp_path / "grid.png", cell_side=64)
+    path = drawing.save_grid([[red, blue], [blue]], tmp_path / "grid.png", cell_side=64)
     sheet = np.asarray(Image.open(path))
     assert sheet.shape == (128, 128, 3)
     assert tuple(sheet[10, 10]) == (255, 0, 0)  # red, scaled to 64 x 32
     assert tuple(sheet[10, 70]) == (0, 0, 255)  # blue, scaled to 32 x 64
-    assert tuple(sheet[100, 70]) == draw.GRID_BACKGROUND  # row 2 has one picture
+    assert tuple(sheet[100, 70]) == drawing.GRID_BACKGROUND  # row 2 has one picture
 
 
 def test_prediction_grid_shows_prediction_then_ground_truth_per_image(tmp_path):
@@ -137,13 +138,13 @@ def test_prediction_grid_shows_prediction_then_ground_truth_per_image(tmp_path):
         [example] * 3, [{}, {}, {}], NAMES, tmp_path / "grid.png", pairs_per_row=2
     )
     sheet = np.asarray(Image.open(path))
-    cell, top = draw.GRID_CELL_SIDE, draw.TEXT_LINE_HEIGHT + 4  # the column titles' band
+    cell, top = drawing.GRID_CELL_SIDE, drawing.TEXT_LINE_HEIGHT + 4  # the column titles' band
     shown_height = round(cell * min(HEIGHT, WIDTH) / max(HEIGHT, WIDTH))
     # Two pairs in the first grid row, one in the second; pictures drawn at the cell size.
     assert sheet.shape == (top + 2 * shown_height, 4 * cell, 3)
     for y, x in ((top + 5, 5), (top + 5, cell + 5), (top + 5, 3 * cell + 5), (-5, cell + 5)):
         assert tuple(sheet[y, x]) == (200, 200, 200)
-    assert tuple(sheet[-5, 2 * cell + 5]) == draw.GRID_BACKGROUND  # no third pair
-    assert tuple(sheet[top // 2, 3 * cell - 5]) == draw.GRID_BACKGROUND  # title band
+    assert tuple(sheet[-5, 2 * cell + 5]) == drawing.GRID_BACKGROUND  # no third pair
+    assert tuple(sheet[top // 2, 3 * cell - 5]) == drawing.GRID_BACKGROUND  # title band
     with pytest.raises(ValueError, match="2 examples but 1 predictions"):
         draw.save_prediction_grid([example] * 2, [{}], NAMES, tmp_path / "bad.png")
