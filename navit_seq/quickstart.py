@@ -99,11 +99,17 @@ def main(argv: list[str] | None = None) -> None:
          f"--config.data.data_dir={args.data_dir}"],
     )  # fmt: skip
 
+    run_stage(
+        "draw the learning curves",
+        ["python", "-m", "navit_seq.plot", args.workdir],
+    )
+
     print("\n=== quickstart summary")
     summarize(workdir)
     print(f"dataset:         {Path(args.data_dir).resolve()}")
     print(f"sample picture:  {Path(args.data_dir).resolve() / 'scenes_train_samples.png'}")
     print(f"predictions:     {(workdir / 'eval_predictions.png').resolve()} (next to ground truth)")
+    print(f"learning curves: {(workdir / 'learning_curves.png').resolve()}")
     print(f"workdir:         {workdir.resolve()} (metrics.jsonl, TensorBoard events, checkpoints)")
 
 

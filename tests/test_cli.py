@@ -18,7 +18,8 @@ TOY_RECIPE = "tests/train/toy_recipe.py"
 # command line -> flags its help must list
 HELP = {
     "navit_seq.main --help": ["--config", "--workdir", "--compilation_cache_dir", "--verbose"],
-    "navit_seq.evaluate -h": ["--config", "--workdir", "--step", "--compilation_cache_dir"],
+    "navit_seq.evaluate -h": ["--config", "--workdir", "--step", "--compilation_cache_dir",
+                              "--results_file"],
     "navit_seq.export --help": ["--config", "--workdir", "--step", "--dtype", "--ema", "--output",
                                 "--compilation_cache_dir", "--verbose"],
     "navit_seq.predict --help": ["--workdir", "--image", "--task", "--output", "--step",
@@ -30,6 +31,8 @@ HELP = {
     "navit_seq.inspect --help": ["--config", "--image-sizes", "--num-batches", "--eval",
                                       "--output", "--rows-shown", "--verbose"],
     "navit_seq.quickstart --help": ["--data-dir", "--workdir", "--config", "--verbose"],
+    "navit_seq.plot --help": ["--output", "--verbose"],
+    "navit_seq.experiment --help": ["--root", "--print-commands", "--aggregate", "--seeds"],
 }  # fmt: skip
 
 

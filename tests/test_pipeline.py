@@ -185,3 +185,20 @@ def test_training_flips_examples_with_the_configured_probability(probability):
         batch["patches"][0][tokens], batch["patch_coords"][0][tokens], batch["image_grid"][0, 0], 8
     )
     np.testing.assert_array_equal(image, ramp[:, ::-1] if probability else ramp)
+
+
+def test_eval_side_fixes_every_longer_side_and_zero_keeps_the_token_budget(source):
+    def eval_grids(**overrides):
+        config = small_config(**overrides)
+        grids = []
+        for batch in pipeline.make_dataset(source, config, train=False):
+            valid = batch["example_valid"].reshape(-1)
+            grids += [tuple(g) for g in batch["image_grid"].reshape(-1, 2)[valid]]
+        return grids
+
+    fixed = eval_grids(eval_side=32)  # 32 px at patch 8: 4 patches along the longer side
+    assert len(fixed) == len(source) and {max(grid) for grid in fixed} == {4}
+    budget = eval_grids(eval_side=0)
+    assert all(rows * cols <= 64 for rows, cols in budget) and max(map(max, budget)) > 4
+    with pytest.raises(ValueError, match="data.eval_side=-1"):
+        eval_grids(eval_side=-1)

@@ -71,7 +71,7 @@ def test_recipe_arguments_parse_and_a_malformed_one_is_an_error_naming_it():
 
 @pytest.mark.parametrize(
     ("recipe", "takes"),
-    [("quickstart", "steps"), ("contrastive", "steps, loss, data"),
+    [("quickstart", "steps"), ("navit_shapes", "steps"), ("contrastive", "steps, loss, data"),
      ("pix2seq_scenes", "steps, data_dir, tasks"), ("navit_b16_pretrain", "none"),
      ("pix2seq_v2_multitask", "none")],
 )  # fmt: skip
@@ -92,7 +92,7 @@ def test_scenes_recipe_trains_the_named_subset_of_tasks_with_equal_weights():
 
 
 def test_every_recipe_has_the_shared_loop_fields_and_steps_follow_the_argument():
-    for recipe in ("quickstart", "contrastive", "pix2seq_scenes"):
+    for recipe in ("quickstart", "navit_shapes", "contrastive", "pix2seq_scenes"):
         config = config_utils.load_config_file(f"configs/{recipe}.py:steps=7")
         assert config.num_train_steps == 7
         assert config.seed == 0 and config.log_batch_fingerprint is False

@@ -215,3 +215,17 @@ def test_objects_per_scene_follow_the_spec(scenes):
 def test_bad_scene_spec_is_refused_naming_the_field(options, message):
     with pytest.raises(ValueError, match=message):
         SceneSpec(**options)
+
+
+def test_backgrounds_and_person_share_follow_the_spec():
+    plain_only = SceneSpec(backgrounds=("plain",), person_probability=0.0, max_objects=1)
+    for index in range(20):
+        example = _render(index, plain_only)
+        assert 0 not in example["objects"]["label"]
+        image = example["image"].reshape(-1, 3)
+        owner_free = ~_masks(example).any(0).reshape(-1)  # background pixels
+        assert len(np.unique(image[owner_free], axis=0)) == 1  # plain: one colour
+    with pytest.raises(ValueError, match="backgrounds"):
+        SceneSpec(backgrounds=("woodgrain",))
+    with pytest.raises(ValueError, match="person_probability"):
+        SceneSpec(person_probability=1.5)

@@ -184,3 +184,25 @@ def test_a_split_of_size_zero_is_left_out(tmp_path):
     assert len(sources.data_source("scenes", "train", tmp_path)) == 2
     with pytest.raises(ValueError, match=r"its splits are \['train'\]"):
         sources.data_source("scenes", "validation", tmp_path)
+
+
+def test_variants_build_under_their_own_name_with_the_scenes_they_promise(tmp_path):
+    options = {"train_size": 24, "validation_size": 4, "heldout_size": 0, "max_side": 128}
+    shapes_dir = build.build_scenes(tmp_path, variant="scene_shapes", **options)
+    assert shapes_dir == sources.dataset_dir("scene_shapes", tmp_path)
+    report = scenes.read_report(shapes_dir)
+    assert report["scene_spec"]["max_objects"] == 1
+    labels = []
+    for example in sources.data_source("scene_shapes", "train", tmp_path):
+        assert len(example["objects"]["label"]) == 1  # one object, never hidden
+        height, width = example["image"].shape[:2]
+        assert max(height, width) / min(height, width) <= 1.5 + 2 / min(height, width)
+        labels.append(int(example["objects"]["label"][0]))
+    assert len(set(labels)) >= 8  # every class equally likely: 24 draws show most of the 12
+    easy_dir = build.build_scenes(tmp_path, variant="scenes_easy", **options)
+    for example in sources.data_source("scenes_easy", "train", tmp_path):
+        assert 1 <= len(example["objects"]["label"]) <= 3
+        assert "plain" in example["captions"][0] or "background" not in example["captions"][0]
+    assert scenes.read_report(easy_dir)["scene_spec"]["backgrounds"] == ["plain"]
+    with pytest.raises(ValueError, match="variant='scene_shape'"):
+        build.build_scenes(tmp_path, variant="scene_shape")
