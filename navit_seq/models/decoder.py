@@ -37,6 +37,14 @@ MEMORIES = ("encoder", "projected")
 # to the other tokens' init std. Neighbouring bins then start out alike, and a box coordinate
 # can be read off the memory's positions by a near-identity map from the first step.
 COORD_EMBEDDING_INITS = ("normal", "sinusoidal")
+# How cross-attention's value and output projections start: "xavier" (independent random
+# matrices, like every projection) or "copy": the value kernel a random orthogonal matrix and
+# the output kernel its transpose, so at step 0 cross-attention returns the attended memory
+# tokens themselves (position embedding included). With independent random matrices the
+# first gradients carry no consistent "attend where the target is" signal (the value-output
+# product is a random bilinear form of token and target position) and detection sits on
+# the token prior for hundreds of steps; a copy makes that signal positive from the start.
+CROSS_ATTENTION_INITS = ("xavier", "copy")
 EMBED_INIT_STD = 0.02
 # The frame of the memory's sinusoidal position embedding (pix2seq.memory_posemb_config): a
 # fraction r of the image side embeds as position r * MEMORY_POSEMB_LEN.
@@ -65,6 +73,7 @@ def default_decoder_config() -> ml_collections.ConfigDict:
             # "sinusoidal": coordinate tokens start as the memory's position embedding of
             # their bin (COORD_EMBEDDING_INITS); needs coord_offset and num_bins (the vocab's).
             "coord_embedding_init": "normal",
+            "cross_attention_init": "xavier",  # CROSS_ATTENTION_INITS
             "coord_offset": placeholder(int),  # first coordinate token id (Vocab.coord_offset)
             "num_bins": placeholder(int),  # coordinate bins (Vocab.num_bins)
             "qk_norm": False,
@@ -137,6 +146,18 @@ def _token_embedding_init(config: ml_collections.ConfigDict, width: int):
         return table.at[start : start + len(coords)].set(EMBED_INIT_STD * coords.astype(dtype))
 
     return init
+
+
+def copy_init(projections: AttentionProjections, rngs: nnx.Rngs) -> None:
+    """Value kernel := a random orthogonal [D, H, Dh], output kernel := its transpose
+    [H, Dh, D]: value then output is the identity (CROSS_ATTENTION_INITS)."""
+    kv = projections.kv_kernel[...]  # [D, 2, H, Dh]
+    width, _, heads, head_dim = kv.shape
+    orthogonal = nnx.initializers.orthogonal()(rngs.params(), (width, width), kv.dtype)
+    projections.kv_kernel[...] = kv.at[:, 1].set(orthogonal.reshape(width, heads, head_dim))
+    projections.out_kernel[...] = orthogonal.T.reshape(heads, head_dim, width).astype(
+        projections.out_kernel[...].dtype
+    )
 
 
 class DecoderBlock(nnx.Module):
@@ -265,6 +286,20 @@ class Decoder(nnx.Module):
         self.blocks = nnx.List(
             [DecoderBlock(sizes, encoder_width, config, rngs=rngs) for _ in range(sizes["depth"])]
         )
+        cross_init = config.get("cross_attention_init", "xavier")
+        if cross_init not in CROSS_ATTENTION_INITS:
+            raise ValueError(
+                f"model.decoder.cross_attention_init={cross_init!r} is not one of "
+                f"{CROSS_ATTENTION_INITS}."
+            )
+        if cross_init == "copy":
+            if encoder_width != width:
+                raise ValueError(
+                    f"model.decoder.cross_attention_init='copy' needs a memory as wide as the "
+                    f"decoder ({encoder_width} != {width}); use model.decoder.memory='projected'."
+                )
+            for block in self.blocks:
+                copy_init(block.cross_attention, rngs)
         self.final_norm = layer_norm(
             width,
             "embed",

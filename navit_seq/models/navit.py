@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from navit_seq.models.attention import SelfAttention
@@ -29,6 +30,12 @@ PRESETS = {
     "g": {"width": 1408, "depth": 40, "num_heads": 16, "mlp_dim": 6144},
 }
 _SIZE_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
+# How a patch becomes a token: "linear" (ViT: one dense layer on the flattened pixels) or
+# "conv": a small convolutional stem inside each patch (3x3 stride-2 convolutions + GELU down
+# to 2x2, then a dense layer), after Xiao et al. 2021 ("Early convolutions help transformers
+# see better"). It never looks across patches, so packing, token dropping and the
+# per-image equivalence are untouched.
+PATCH_EMBEDDINGS = ("linear", "conv")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -49,6 +56,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             **{field: placeholder(int) for field in _SIZE_FIELDS},
             "patch_size": 16,
             "num_channels": 3,
+            "patch_embedding": "linear",  # PATCH_EMBEDDINGS
             "posemb": default_posemb_config(),
             "qk_norm": True,  # NaViT: query-key normalization
             "use_bias": False,  # NaViT: no biases in dense layers and norms
@@ -107,6 +115,45 @@ class MLP(nnx.Module):
         hidden = constrain(hidden, ("act_batch", "act_len", "act_mlp")[-hidden.ndim :])
         hidden = self.dropout(hidden, deterministic=deterministic)
         return self.fc2(hidden)
+
+
+class ConvPatchStem(nnx.Module):
+    """Patch pixels [..., P*P*C] -> [..., D]: stride-2 3x3 convolutions + GELU inside each
+    patch until it is 2x2 (channels D/2^k up to D), then a dense layer on the 2x2xD map."""
+
+    def __init__(self, patch_size: int, num_channels: int, width: int, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):  # fmt: skip
+        num_convs = int(np.log2(patch_size)) - 1
+        if patch_size != 2 ** (num_convs + 1) or num_convs < 1:
+            raise ValueError(
+                f"model.patch_embedding='conv' needs a power-of-two patch_size >= 4, got "
+                f"{patch_size}; use patch_embedding='linear'."
+            )
+        self.patch_size, self.num_channels = patch_size, num_channels
+        channels = [num_channels] + [max(width >> (num_convs - i), 8) for i in range(num_convs)]
+        self.convs = nnx.List([
+            nnx.Conv(
+                channels[i], channels[i + 1], (3, 3), strides=2, padding="SAME", dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=partitioned(nnx.initializers.he_normal(), (None, None, None, None)),
+                bias_init=partitioned(nnx.initializers.zeros, (None,)),
+                rngs=rngs,
+            )
+            for i in range(num_convs)
+        ])  # fmt: skip
+        self.output = nnx.Linear(
+            4 * channels[-1], width, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, "embed")),
+            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+            rngs=rngs,
+        )  # fmt: skip
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        leading = pixels.shape[:-1]
+        x = pixels.reshape(-1, self.patch_size, self.patch_size, self.num_channels)  # [N, P, P, C]
+        for conv in self.convs:
+            x = jax.nn.gelu(conv(x))  # [N, P/2^k, P/2^k, C_k]
+        return self.output(x.reshape(*leading, -1))  # [..., D]
 
 
 class EncoderBlock(nnx.Module):
@@ -201,12 +248,20 @@ class NaViT(nnx.Module):
         dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
         self.dtype, self.pooling = dtype, config.pooling
         self.patch_dim = config.patch_size**2 * config.num_channels
-        self.patch_embed = nnx.Linear(
-            self.patch_dim, width, use_bias=config.use_bias, dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=partitioned(nnx.initializers.lecun_normal(), ("patch", "embed")),
-            bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
-            rngs=rngs,
+        kind = config.get("patch_embedding", "linear")
+        if kind not in PATCH_EMBEDDINGS:
+            raise ValueError(f"model.patch_embedding={kind!r} is not one of {PATCH_EMBEDDINGS}.")
+        self.patch_embed = (
+            nnx.Linear(
+                self.patch_dim, width, use_bias=config.use_bias, dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=partitioned(nnx.initializers.lecun_normal(), ("patch", "embed")),
+                bias_init=partitioned(nnx.initializers.zeros, ("embed",)),
+                rngs=rngs,
+            )
+            if kind == "linear"
+            else ConvPatchStem(config.patch_size, config.num_channels, width,
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         )  # fmt: skip
         self.posemb = PositionalEmbedding(config.posemb, width, param_dtype=param_dtype, rngs=rngs)
         self.blocks, self.final_norm, self.map_head = encoder_stack(sizes, config, rngs=rngs)
