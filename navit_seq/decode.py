@@ -134,9 +134,10 @@ def generate(
     encoded = model.encode(batch, deterministic=True)["memory"]  # [B, L, D_memory]
     cross_kv = decoder.cross_keys_values(encoded)  # per layer [B, L, H, Dh], computed once
     cross_attend = row_image_mask(batch["segment_ids"], batch["row_slot"])  # [B, R, L]
+    row_task = model.row_tasks(batch)  # [B, R] for a per-task decoder, else None
     if config.method == "beam":
-        return _beam_search(decoder, prompt, cross_kv, cross_attend, config, token_mask)
-    return _sample(decoder, prompt, cross_kv, cross_attend, rng, config, token_mask)
+        return _beam_search(decoder, prompt, cross_kv, cross_attend, row_task, config, token_mask)
+    return _sample(decoder, prompt, cross_kv, cross_attend, row_task, rng, config, token_mask)
 
 
 def _next_logits(
@@ -145,15 +146,19 @@ def _next_logits(
     position: jax.Array,
     cross_kv: CrossKV,
     cross_attend: jax.Array,
+    row_task: jax.Array | None,
     cache: KVCache | None,
     use_cache: bool,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [B, R, V] for the token at `position` of `tokens` [B, R, P + max_len]."""
     if use_cache:  # feed only the newest token; earlier positions come from the cache
         newest = jax.lax.dynamic_slice_in_dim(tokens, position - 1, 1, axis=2)  # [B, R, 1]
-        logits, cache = decoder.extend(newest, position - 1, cross_kv, cross_attend, cache)
+        logits, cache = decoder.extend(
+            newest, position - 1, cross_kv, cross_attend, cache, row_task=row_task
+        )
         return logits[:, :, 0], cache
-    logits, _ = decoder.extend(tokens, 0, cross_kv, cross_attend)  # the whole prefix again
+    # The whole prefix again.
+    logits, _ = decoder.extend(tokens, 0, cross_kv, cross_attend, row_task=row_task)
     return jax.lax.dynamic_index_in_dim(logits, position - 1, axis=2, keepdims=False), cache
 
 
@@ -173,6 +178,7 @@ def _sample(
     prompt: jax.Array,
     cross_kv: CrossKV,
     cross_attend: jax.Array,
+    row_task: jax.Array | None,
     rng: jax.Array,
     config: DecodeConfig,
     token_mask: TokenMask | None,
@@ -207,11 +213,11 @@ def _sample(
 
     cache = decoder.init_cache(batch * rows, total) if config.use_cache else None
     if config.use_cache:  # prefill: the whole prompt in one call
-        logits, cache = decoder.extend(prompt, 0, cross_kv, cross_attend, cache)
+        logits, cache = decoder.extend(prompt, 0, cross_kv, cross_attend, cache, row_task=row_task)
         logits = logits[:, :, -1]  # [B, R, V]
     else:
         logits, _ = _next_logits(
-            decoder, tokens, prompt_length, cross_kv, cross_attend, None, False
+            decoder, tokens, prompt_length, cross_kv, cross_attend, row_task, None, False
         )
     rng, key = jax.random.split(rng)
     tokens, log_probs, finished = choose(logits, 0, tokens, log_probs, finished, key)
@@ -224,7 +230,7 @@ def _sample(
     def one_step(state):
         step, tokens, log_probs, finished, cache, rng = state
         logits, cache = _next_logits(
-            decoder, tokens, prompt_length + step, cross_kv, cross_attend, cache,
+            decoder, tokens, prompt_length + step, cross_kv, cross_attend, row_task, cache,
             config.use_cache,
         )  # fmt: skip
         rng, key = jax.random.split(rng)
@@ -248,6 +254,7 @@ def _beam_search(
     prompt: jax.Array,
     cross_kv: CrossKV,
     cross_attend: jax.Array,
+    row_task: jax.Array | None,
     config: DecodeConfig,
     token_mask: TokenMask | None,
 ) -> dict[str, jax.Array]:
@@ -260,15 +267,18 @@ def _beam_search(
     # Beams are extra decoder rows: row r's beams are rows r * K .. r * K + K - 1 of packed
     # row b, so they share its encoder keys/values like any other row.
     beam_attend = jnp.repeat(cross_attend, beams, axis=1)  # [B, R*K, L]
+    beam_task = None if row_task is None else jnp.repeat(row_task, beams, axis=1)  # [B, R*K]
     cache = decoder.init_cache(batch * rows, total) if config.use_cache else None
     if config.use_cache:
-        logits, cache = decoder.extend(prompt, 0, cross_kv, cross_attend, cache)
+        logits, cache = decoder.extend(prompt, 0, cross_kv, cross_attend, cache, row_task=row_task)
         logits = jnp.repeat(logits[:, :, -1], beams, axis=1)  # [B, R*K, V]
         cache = jax.tree.map(lambda c: jnp.repeat(c, beams, axis=0), cache)  # [N*K, ...]
     tokens = jnp.zeros((batch, rows * beams, total), jnp.int32)
     tokens = tokens.at[:, :, :prompt_length].set(jnp.repeat(prompt, beams, axis=1))
     if not config.use_cache:
-        logits, _ = _next_logits(decoder, tokens, prompt_length, cross_kv, beam_attend, None, False)
+        logits, _ = _next_logits(
+            decoder, tokens, prompt_length, cross_kv, beam_attend, beam_task, None, False
+        )
     # Only beam 0 is live at first (all beams hold the same prompt).
     scores = jnp.tile(jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf), (batch, rows, 1))
     finished = jnp.repeat(~cross_attend.any(-1), beams, axis=1).reshape(batch, rows, beams)
@@ -321,8 +331,9 @@ def _beam_search(
     def one_step(state):
         step, tokens, log_probs, scores, finished, cache = state
         logits, cache = _next_logits(
-            decoder, tokens, prompt_length + step, cross_kv, beam_attend, cache, config.use_cache
-        )
+            decoder, tokens, prompt_length + step, cross_kv, beam_attend, beam_task, cache,
+            config.use_cache,
+        )  # fmt: skip
         return step + 1, *advance(logits, step, tokens, log_probs, scores, finished, cache)
 
     state = (jnp.int32(1), tokens, log_probs, scores, finished, cache)

@@ -105,7 +105,9 @@ class Predictor:
                 f"data.eval_max_tokens={self.data.eval_max_tokens} > data.seq_len="
                 f"{self.data.seq_len}: inference packs one image per row; lower eval_max_tokens."
             )
-        self.tasks = {task.name: task.codec for task in sequence_tasks(config.data)}
+        recipe_tasks = sequence_tasks(config.data)
+        self.tasks = {task.name: task.codec for task in recipe_tasks}
+        self.task_ids = {task.name: task.task_id for task in recipe_tasks}  # the batch's task_id
         if self.options.use_gt_boxes is False and (
             {"segmentation", "keypoints"} & set(self.tasks) and "detection" not in self.tasks
         ):
@@ -175,6 +177,7 @@ class Predictor:
             "original_size": np.zeros((batch_size, 1, 2), np.int32),
             "example_valid": np.zeros((batch_size, 1), bool),
             "example_id": np.full((batch_size, 1), -1, np.int64),
+            "task_id": np.full((batch_size, 1), self.task_ids[task], np.int32),
             "row_slot": np.full((batch_size, num_rows), -1, np.int32),  # [B, R]
         }
         prompt = np.zeros((batch_size, num_rows, prompt_length), np.int32)  # [B, R, P]

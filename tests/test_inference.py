@@ -219,3 +219,39 @@ def test_grammar_masks_are_padded_to_a_wider_decoder_vocabulary():
     assert padded.shape == (2, 5) and not padded[:, 2:].any()
     np.testing.assert_array_equal(padded[:, :2], grammar)
     assert _padded(grammar, 0).shape == (2, 2)  # unset: the tasks' own width
+
+
+def test_a_per_task_model_decodes_each_task_with_its_own_tensor(scenes_data_dir):
+    """The Predictor's batches carry the task's id (`task_id`), so a per-task refinement
+    (model.implicit) reads the right row: changing another task's row changes nothing."""
+    import jax.numpy as jnp
+
+    from navit_seq.models.implicit import default_implicit_config
+    from navit_seq.train import sequence
+
+    config = tiny_recipe(scenes_data_dir)
+    config.model.implicit = default_implicit_config()
+    config.model.implicit.update(refinement="multiply", per_task=True)
+    model = sequence.model_fn(config)()
+    predictor = inference.Predictor(config, model)
+    examples = inference.evaluation_examples(config)[:2]
+    images = [predictor._image_tokens(e["image"], int(e["image_id"])) for e in examples]
+    codec = predictor.tasks["captioning"]
+    prompt = np.array([[codec.vocab.CAPTION_PROMPT]], np.int32)  # [1, P]
+
+    def caption_probs():
+        predictor.calls = 0  # the same rng
+        config = inference._decode_config(8, 0.0)
+        return predictor._generate([inference._Image(t, prompt) for t in images], 1,
+                                   "captioning", config)[1]  # fmt: skip
+
+    before = caption_probs()
+    assert (np.asarray(predictor.last_batch["task_id"]) == predictor.task_ids["captioning"]).all()
+    table = model.decoder.implicit_refinement.vector
+    rows = np.array(table[...])
+    rows[predictor.task_ids["detection"]] += 1.0
+    table[...] = jnp.asarray(rows)
+    np.testing.assert_array_equal(caption_probs(), before)
+    rows[predictor.task_ids["captioning"]] += 1.0
+    table[...] = jnp.asarray(rows)
+    assert not np.allclose(caption_probs(), before)

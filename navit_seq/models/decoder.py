@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from navit_seq.models import implicit as implicit_lib
 from navit_seq.models.attention import ATTENTION_IMPLS, AttentionProjections, masked_attention
 from navit_seq.models.navit import MLP, dtype_of
 from navit_seq.models.partitioning import constrain, layer_norm, param, partitioned
@@ -255,7 +256,14 @@ class DecoderBlock(nnx.Module):
 class Decoder(nnx.Module):
     """Token embedding + learned positions, decoder blocks, final norm, vocabulary logits."""
 
-    def __init__(self, config: ml_collections.ConfigDict, encoder_width: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        encoder_width: int,
+        *,
+        rngs: nnx.Rngs,
+        implicit: ml_collections.ConfigDict | None = None,
+    ):
         if config.get("vocab_size") is None or config.vocab_size < 1:
             raise ValueError(
                 f"model.decoder.vocab_size={config.get('vocab_size')!r}: set it to the task "
@@ -300,14 +308,24 @@ class Decoder(nnx.Module):
                 )
             for block in self.blocks:
                 copy_init(block.cross_attention, rngs)
-        self.final_norm = layer_norm(
-            width,
-            "embed",
-            use_bias=config.use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+        # YOLOR implicit knowledge on the output (`implicit`: the checked model.implicit,
+        # navit_seq.models.implicit.implicit_config; None = none).
+        implicit = implicit or implicit_lib.default_implicit_config()
+        self.reads_row_task = implicit_lib.reads_row_task(implicit)
+        self.task_final_norm, self.refinement_per_task = implicit.task_final_norm, implicit.per_task
+        if self.task_final_norm:  # what export folds a per-task refinement into
+            self.final_norm = implicit_lib.TaskLayerNorm(
+                implicit.num_tasks, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
+        else:
+            self.final_norm = layer_norm(
+                width,
+                "embed",
+                use_bias=config.use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
         # A config.json saved before `output_bias` existed describes a model without one.
         self.output_bias = (
             param(rngs, nnx.initializers.zeros, ("vocab",), (config.vocab_size,), param_dtype)
@@ -326,6 +344,10 @@ class Decoder(nnx.Module):
                 bias_init=partitioned(nnx.initializers.zeros, ("vocab",)),
                 rngs=rngs,
             )  # fmt: skip
+        )
+        # Last, so the explicit parameters start the same with or without it.
+        self.implicit_refinement = implicit_lib.refinement(
+            implicit, width, param_dtype=param_dtype, rngs=rngs
         )
 
     def cross_keys_values(self, encoded: jax.Array) -> CrossKV:
@@ -348,15 +370,24 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         *,
         deterministic: bool = True,
+        row_task: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits of `tokens` [B, R, S] at positions start..start+S-1 given the earlier
         positions in `cache` (None: there are none, start must be 0).
 
         `cross_attend` [B, R, L] is `row_image_mask`; rows reading no token (padding rows) get
-        zero logits. Returns (logits [B, R, S, V] float32, the cache with these positions).
+        zero logits. `row_task` [B, R]: each row's task id (`Pix2Seq.row_tasks`), needed when
+        `reads_row_task`. Returns (logits [B, R, S, V] float32, the cache with these positions).
         Positions must stay below `max_len` (checked by the callers on static shapes).
         """
         batch, rows, length = tokens.shape
+        if self.reads_row_task and (row_task is None or row_task.shape != (batch, rows)):
+            raise ValueError(
+                f"row_task {None if row_task is None else row_task.shape} must be [B, R] = "
+                f"{(batch, rows)}: this decoder is per task (model.implicit); pass "
+                "Pix2Seq.row_tasks(batch)."
+            )
+        task = None if row_task is None else row_task.reshape(batch * rows)  # [N]
         x = self.token_embed(tokens.reshape(batch * rows, length))  # [N, S, D]
         positions = jax.lax.dynamic_slice_in_dim(self.posemb[...], start, length)  # [S, D]
         x = constrain(x + positions.astype(self.dtype), ("act_batch", "act_len", "act_emb"))
@@ -367,7 +398,9 @@ class Decoder(nnx.Module):
                 x, start, layer_cache, cross_kv[layer], cross_attend, deterministic=deterministic
             )
             new_cache.append(layer_cache)
-        x = self.final_norm(x)
+        x = self.final_norm(x, task) if self.task_final_norm else self.final_norm(x)
+        if self.implicit_refinement is not None:  # YOLOR prediction refinement
+            x = self.implicit_refinement(x, task if self.refinement_per_task else None)
         if self.output_head is None:
             logits = self.token_embed.attend(x)  # tied: x @ embedding.T
             if self.output_bias is not None:
@@ -389,9 +422,11 @@ class Decoder(nnx.Module):
         row_slot: jax.Array,
         *,
         deterministic: bool,
+        row_task: jax.Array | None = None,
     ) -> jax.Array:
         """Teacher forcing: tokens [B, R, T], encoder tokens [B, L, D_enc], segment_ids [B, L],
-        row_slot [B, R] -> logits [B, R, T, V] (float32; zero for padding rows)."""
+        row_slot [B, R] (and row_task [B, R], see `extend`) -> logits [B, R, T, V] (float32;
+        zero for padding rows)."""
         if tokens.ndim != 3 or row_slot.shape != tokens.shape[:2]:
             raise ValueError(
                 f"decoder tokens {tokens.shape} and row_slot {row_slot.shape} must be [B, R, T] "
@@ -404,5 +439,7 @@ class Decoder(nnx.Module):
             )
         cross_attend = row_image_mask(segment_ids, row_slot)  # [B, R, L]
         cross_kv = self.cross_keys_values(encoded)
-        logits, _ = self.extend(tokens, 0, cross_kv, cross_attend, deterministic=deterministic)
+        logits, _ = self.extend(
+            tokens, 0, cross_kv, cross_attend, deterministic=deterministic, row_task=row_task
+        )
         return logits

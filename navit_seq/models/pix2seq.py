@@ -9,6 +9,9 @@ reference model does): the encoder tokens projected to the decoder width, LayerN
 a position embedding of their own (fractional sinusoidal: the frame the box targets are
 normalised in, whatever the image's grid) and passed through a residual MLP. "encoder" feeds
 the encoder tokens to cross-attention as they are.
+
+YOLOR implicit knowledge (`model.implicit`, navit_seq.models.implicit; off by default) may be
+combined with the memory (alignment) and with the decoder output (refinement, per task).
 """
 
 from collections.abc import Mapping
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from navit_seq.models import implicit as implicit_lib
 from navit_seq.models.decoder import (
     MEMORIES,
     MEMORY_POSEMB_LEN,
@@ -25,6 +29,7 @@ from navit_seq.models.decoder import (
     decoder_sizes,
     default_decoder_config,
 )
+from navit_seq.models.index_check import check_index_below
 from navit_seq.models.navit import MLP, NaViT, default_model_config, dtype_of, model_sizes
 from navit_seq.models.partitioning import constrain, layer_norm, partitioned
 from navit_seq.models.posemb import PositionalEmbedding, default_posemb_config
@@ -32,7 +37,8 @@ from navit_seq.models.posemb import PositionalEmbedding, default_posemb_config
 
 def default_pix2seq_config() -> ml_collections.ConfigDict:
     """`config.model`: the encoder's fields (no pooling: the decoder reads every token) plus
-    `decoder` (navit_seq.models.decoder.default_decoder_config)."""
+    `decoder` (navit_seq.models.decoder.default_decoder_config). A recipe may add `implicit`
+    (navit_seq.models.implicit.default_implicit_config); without it there is none."""
     config = default_model_config()
     config.pooling = "none"
     config.decoder = default_decoder_config()
@@ -108,7 +114,16 @@ class Pix2Seq(nnx.Module):
         memory_width = (
             encoder_width if self.memory is None else decoder_sizes(config.decoder)["width"]
         )
-        self.decoder = Decoder(config.decoder, memory_width, rngs=rngs)
+        implicit = implicit_lib.implicit_config(config)
+        self.num_tasks = implicit.num_tasks if implicit_lib.reads_row_task(implicit) else None
+        self.decoder = Decoder(
+            config.decoder, memory_width + implicit_lib.appended_width(implicit), rngs=rngs,
+            implicit=implicit,
+        )  # fmt: skip
+        # Last, so the explicit parameters start the same with or without it.
+        self.implicit_alignment = implicit_lib.alignment(
+            implicit, memory_width, param_dtype=dtype_of(config.decoder.param_dtype), rngs=rngs
+        )
 
     def __call__(
         self, batch: Mapping[str, jax.Array], *, deterministic: bool
@@ -123,7 +138,7 @@ class Pix2Seq(nnx.Module):
         outputs = self.encode(batch, deterministic=deterministic)
         logits = self.decoder(
             batch["decoder_input"], outputs["memory"], batch["segment_ids"], batch["row_slot"],
-            deterministic=deterministic,
+            deterministic=deterministic, row_task=self.row_tasks(batch),
         )  # fmt: skip
         return {**outputs, "logits": logits}
 
@@ -132,4 +147,24 @@ class Pix2Seq(nnx.Module):
         outputs = self.encoder(batch, deterministic=deterministic)
         tokens = outputs["tokens"]
         memory = tokens if self.memory is None else self.memory(tokens, batch)
+        if self.implicit_alignment is not None:  # YOLOR feature alignment
+            memory = implicit_lib.align(self.implicit_alignment, memory, batch["segment_ids"] > 0)
         return {**outputs, "memory": memory}
+
+    def row_tasks(self, batch: Mapping[str, jax.Array]) -> jax.Array | None:
+        """[B, R] task id of each decoder row, `task_id[b, row_slot[b, r]]` (§3; a padding row
+        reads slot 0's, its logits are zero), or None when nothing in the model is per task."""
+        if self.num_tasks is None:
+            return None
+        if "task_id" not in batch:
+            raise ValueError(
+                "batch has no 'task_id' [B, E_max]: this model is per task (model.implicit); "
+                "pack the batch with navit_seq.pipeline or give each image slot its task id."
+            )
+        slot = jnp.maximum(batch["row_slot"], 0)  # [B, R]
+        row_task = jnp.take_along_axis(jnp.asarray(batch["task_id"]), slot, axis=1)
+        check_index_below(row_task, self.num_tasks, lambda task: (
+            f"a decoder row has task id {task} >= model.implicit.num_tasks={self.num_tasks}; "
+            "raise num_tasks above the recipe's largest task id."
+        ))  # fmt: skip
+        return row_task

@@ -12,6 +12,10 @@ from typing import Protocol
 import ml_collections
 import numpy as np
 
+# Task ids are 0..NUM_TASK_IDS-1 (the list above): the rows of a per-task model table
+# (navit_seq.models.implicit). Raise it with a new task's id; a saved model keeps its own count.
+NUM_TASK_IDS = 6
+
 # name -> (module, class). Imported lazily so a task's dependencies load only when it is used.
 _TASKS = {
     "classification": ("navit_seq.tasks.classification", "ClassificationTask"),

@@ -31,10 +31,19 @@ def test_sequence_task_is_built_from_config_with_the_datasets_classes_and_tokeni
     task = tasks.get_task(task_config(scenes_data_dir, name))
     task_id, codec_class = CODECS[name]
     assert task.task_id == task_id and isinstance(task.codec, codec_class)
+    assert task.task_id < tasks.NUM_TASK_IDS  # a per-task model table has a row for it
     assert task.codec.seq_len == 48
     tokenizer = Tokenizer(sources.sentencepiece_model("scenes", scenes_data_dir))
     assert task.vocab.num_classes == len(sources.class_names("scenes", scenes_data_dir))
     assert task.vocab.text_vocab_size == tokenizer.vocab_size  # one output width for all tasks
+
+
+def test_task_ids_are_unique_and_fill_0_to_num_task_ids():
+    from navit_seq.tasks.classification import ClassificationTask
+    from navit_seq.tasks.image_text import ImageTextTask
+
+    ids = {ClassificationTask.task_id, ImageTextTask.task_id, *(i for i, _ in CODECS.values())}
+    assert ids == set(range(tasks.NUM_TASK_IDS))  # unique, and no id without a task
 
 
 def test_shared_and_per_task_options_reach_the_codec(scenes_data_dir):
