@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
+from navit_seq.models.attention import masked_attention
 from navit_seq.models.decoder import (
     PRESETS,
     Decoder,
@@ -235,3 +236,39 @@ def test_sinusoidal_coordinate_init_without_the_vocabulary_range_is_refused():
         Decoder(tiny_config(coord_embedding_init="sinusoidal"), ENCODER_WIDTH, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="coord_embedding_init='fourier'"):
         Decoder(tiny_config(coord_embedding_init="fourier"), ENCODER_WIDTH, rngs=nnx.Rngs(0))
+
+
+def test_copy_init_makes_cross_attention_return_the_mean_of_its_images_memory():
+    """cross_attention_init='copy': value then output is the identity, so with the queries
+    zeroed (uniform attention) a row's cross-attention output is its image's mean memory."""
+    width = 24
+    decoder = Decoder(tiny_config(width=width, cross_attention_init="copy"), width,
+                      rngs=nnx.Rngs(0))  # fmt: skip
+    _, encoded = inputs()
+    for block in decoder.blocks:
+        attention = block.cross_attention
+        value = np.asarray(attention.kv_kernel[...])[:, 1].reshape(width, width)
+        output = np.asarray(attention.out_kernel[...]).reshape(width, width)
+        np.testing.assert_allclose(value @ output, np.eye(width), atol=1e-5)
+        attention.query_kernel[...] = np.zeros_like(attention.query_kernel[...])
+        if attention.query_bias is not None:
+            attention.query_bias[...] = np.zeros_like(attention.query_bias[...])
+        key, value_tokens = attention.keys_values(encoded)  # [B, L, H, Dh]
+        bias = 0 if attention.out_bias is None else np.asarray(attention.out_bias[...])
+        for b, r in [(0, 0), (0, 1), (1, 0)]:
+            mask = SEGMENT_IDS[b] == ROW_SLOT[b, r] + 1
+            query = np.zeros((1, 1, *key.shape[2:]), np.float32)
+            mixed = masked_attention(query, key[b : b + 1], value_tokens[b : b + 1],
+                                     mask[None, None, None])  # fmt: skip
+            got = np.asarray(attention.output(mixed))[0, 0]
+            value_bias = (0 if attention.kv_bias is None
+                          else np.asarray(attention.kv_bias[...])[1].reshape(-1) @ output)  # fmt: skip
+            want = encoded[b, mask].mean(0) + value_bias + bias
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_copy_init_needs_a_memory_as_wide_as_the_decoder():
+    with pytest.raises(ValueError, match="cross_attention_init='copy' needs a memory"):
+        Decoder(tiny_config(cross_attention_init="copy"), ENCODER_WIDTH, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="cross_attention_init='eye'"):
+        Decoder(tiny_config(cross_attention_init="eye"), ENCODER_WIDTH, rngs=nnx.Rngs(0))
