@@ -78,9 +78,9 @@ def test_packed_forward_with_the_conv_stem_matches_each_image_alone():
             start += n
         return batch
 
-    packed = model(batch_of(list(zip(images, grids))), deterministic=True)
+    packed = model(batch_of(list(zip(images, grids, strict=True))), deterministic=True)
     start = 0
-    for slot, (patches, grid) in enumerate(zip(images, grids)):
+    for slot, (patches, grid) in enumerate(zip(images, grids, strict=True)):
         alone = model(batch_of([(patches, grid)]), deterministic=True)
         n = len(patches)
         np.testing.assert_allclose(
