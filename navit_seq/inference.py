@@ -28,7 +28,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from navit_seq import decode, pipeline
-from navit_seq.data import patches, resolution
+from navit_seq.data import mixing, patches, resolution
 from navit_seq.tasks.keypoints import NUM_KEYPOINTS, RESPONSE_LENGTH, crop_image
 from navit_seq.tasks.segmentation import polygons_to_rle
 from navit_seq.tasks.sequence import sequence_tasks
@@ -52,6 +52,38 @@ def default_evaluation_config() -> ml_collections.ConfigDict:
             "seed": 0,
         }
     )
+
+
+def evaluation_problems(config: ml_collections.ConfigDict, class_names: Sequence[str]) -> list[str]:
+    """What in `config.evaluation` cannot work with the recipe's tasks and its dataset's
+    classes, one item per problem naming the key ([] = none). Checked by every Predictor and,
+    before training, by the commands (`navit_seq.main.check_data`)."""
+    options = config.get("evaluation", default_evaluation_config())
+    names = {name for name, _ in mixing.task_weights(config.data)}
+    least = {"images_per_batch": 1, "segm_samples": 1, "max_instances": 1, "num_images": 0}
+    problems = [
+        f"evaluation.{key}={options[key]}; use at least {value}"
+        for key, value in least.items()
+        if options[key] < value
+    ]
+    problems += [
+        f"evaluation.{key}={options[key]}; use 0 (greedy) up to 1"
+        for key in ("detection_top_p", "segmentation_top_p", "keypoints_top_p")
+        if not 0 <= options[key] <= 1
+    ]
+    prompted = names & {"segmentation", "keypoints"}
+    if prompted and "detection" not in names and not options.use_gt_boxes:
+        problems.append(
+            "evaluation.use_gt_boxes=False but the recipe has no detection task to prompt "
+            "segmentation/keypoints with; set use_gt_boxes=True or add detection"
+        )
+    if "keypoints" in names and not set(options.keypoint_classes) & set(class_names):
+        problems.append(
+            f"evaluation.keypoint_classes={tuple(options.keypoint_classes)} names none of the "
+            f"classes of dataset {config.data.name!r} ({', '.join(class_names)}), so no "
+            "keypoints would be predicted; name the class(es) annotated with keypoints"
+        )
+    return problems
 
 
 def average_masks(masks: np.ndarray) -> np.ndarray:
@@ -106,13 +138,6 @@ class Predictor:
                 f"{self.data.seq_len}: inference packs one image per row; lower eval_max_tokens."
             )
         self.tasks = {task.name: task.codec for task in sequence_tasks(config.data)}
-        if self.options.use_gt_boxes is False and (
-            {"segmentation", "keypoints"} & set(self.tasks) and "detection" not in self.tasks
-        ):
-            raise ValueError(
-                "config.evaluation.use_gt_boxes=False but the recipe has no detection task to "
-                "prompt segmentation/keypoints with; set use_gt_boxes=True or add detection."
-            )
         # Keypoint rows go to boxes of the classes named in evaluation.keypoint_classes; only a
         # recipe with the keypoint task reads the dataset's class names for that.
         class_names = (
@@ -120,6 +145,9 @@ class Predictor:
             if "keypoints" in self.tasks
             else []
         )
+        problems = evaluation_problems(config, class_names)
+        if problems:
+            raise ValueError("; ".join(problems) + ".")
         self.keypoint_labels = {
             class_names.index(name) for name in self.options.keypoint_classes if name in class_names
         }

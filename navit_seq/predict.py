@@ -62,7 +62,7 @@ def restore_model(workdir: Path, step: int | None = None) -> tuple[ml_collection
     """(recipe, Pix2Seq with the checkpoint's parameters) from a training workdir."""
     from flax import nnx
 
-    from navit_seq.main import objective_for
+    from navit_seq.main import check_data, objective_for
     from navit_seq.train import checkpoint as checkpoint_lib
     from navit_seq.train import loop
 
@@ -72,7 +72,20 @@ def restore_model(workdir: Path, step: int | None = None) -> tuple[ml_collection
             f"--workdir {workdir}: no config.json; train there first with `python -m "
             "navit_seq.main --config configs/pix2seq_scenes.py --workdir DIR`."
         )
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    try:
+        config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    except ValueError as error:
+        raise ValueError(
+            f"--workdir {workdir}: {config_path} is not valid JSON ({error}); it is written by "
+            "navit_seq.main: train there again, or name another --workdir."
+        ) from error
+    if config.get("trainer") != "sequence":
+        raise ValueError(
+            f"--workdir {workdir} holds a run of trainer {config.get('trainer')!r} (its "
+            "config.json), not a Pix2Seq one: predict draws boxes, masks, keypoints and "
+            "captions; name the --workdir of a sequence recipe (e.g. configs/pix2seq_scenes.py)."
+        )
+    check_data(config)  # the dataset's class names and tokenizer, the evaluation options
     trainer = loop.Trainer(config, objective_for(config))
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", every_steps=0)
     try:
