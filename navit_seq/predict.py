@@ -178,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-score", type=float, default=0.0,
                         help="draw only objects scoring at least this (default: 0)")  # fmt: skip
     cli.add_verbose_argument(parser)
+    cli.add_quiet_argument(parser)
     return parser
 
 
