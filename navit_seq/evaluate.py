@@ -16,7 +16,7 @@ from absl import flags
 from flax import nnx
 
 from navit_seq import cli, config_utils, sharding
-from navit_seq.main import objective_for
+from navit_seq.main import check_data, evaluation_splits, objective_for
 from navit_seq.train import checkpoint as checkpoint_lib
 from navit_seq.train import loop
 from navit_seq.train import metrics as metrics_lib
@@ -38,6 +38,7 @@ def main(argv: list[str]) -> None:
     config = config_utils.validated_config()
     workdir = config_utils.required_workdir()
     sharding.maybe_initialize_distributed(config)
+    check_data(config, evaluation_splits)
     objective = objective_for(config)
     trainer = loop.Trainer(config, objective)
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", every_steps=0)

@@ -317,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", default=None, help="comma-separated subset of SEEDS to run")
     cli.add_verbose_argument(parser)
+    cli.add_quiet_argument(parser)
     args = parser.parse_args(argv)
     ablation = load_ablation(args.ablation)
     if args.seeds:

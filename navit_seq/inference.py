@@ -27,8 +27,8 @@ import ml_collections
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from navit_seq import decode, pipeline
-from navit_seq.data import patches, resolution
+from navit_seq import cli, decode, pipeline
+from navit_seq.data import mixing, patches, resolution
 from navit_seq.tasks.keypoints import NUM_KEYPOINTS, RESPONSE_LENGTH, crop_image
 from navit_seq.tasks.segmentation import polygons_to_rle
 from navit_seq.tasks.sequence import sequence_tasks
@@ -52,6 +52,38 @@ def default_evaluation_config() -> ml_collections.ConfigDict:
             "seed": 0,
         }
     )
+
+
+def evaluation_problems(config: ml_collections.ConfigDict, class_names: Sequence[str]) -> list[str]:
+    """What in `config.evaluation` cannot work with the recipe's tasks and its dataset's
+    classes, one item per problem naming the key ([] = none). Checked by every Predictor and,
+    before training, by the commands (`navit_seq.main.check_data`)."""
+    options = config.get("evaluation", default_evaluation_config())
+    names = {name for name, _ in mixing.task_weights(config.data)}
+    least = {"images_per_batch": 1, "segm_samples": 1, "max_instances": 1, "num_images": 0}
+    problems = [
+        f"evaluation.{key}={options[key]}; use at least {value}"
+        for key, value in least.items()
+        if options[key] < value
+    ]
+    problems += [
+        f"evaluation.{key}={options[key]}; use 0 (greedy) up to 1"
+        for key in ("detection_top_p", "segmentation_top_p", "keypoints_top_p")
+        if not 0 <= options[key] <= 1
+    ]
+    prompted = names & {"segmentation", "keypoints"}
+    if prompted and "detection" not in names and not options.use_gt_boxes:
+        problems.append(
+            "evaluation.use_gt_boxes=False but the recipe has no detection task to prompt "
+            "segmentation/keypoints with; set use_gt_boxes=True or add detection"
+        )
+    if "keypoints" in names and not set(options.keypoint_classes) & set(class_names):
+        problems.append(
+            f"evaluation.keypoint_classes={tuple(options.keypoint_classes)} names none of the "
+            f"classes of dataset {config.data.name!r} ({', '.join(class_names)}), so no "
+            "keypoints would be predicted; name the class(es) annotated with keypoints"
+        )
+    return problems
 
 
 def average_masks(masks: np.ndarray) -> np.ndarray:
@@ -108,13 +140,6 @@ class Predictor:
         recipe_tasks = sequence_tasks(config.data)
         self.tasks = {task.name: task.codec for task in recipe_tasks}
         self.task_ids = {task.name: task.task_id for task in recipe_tasks}  # the batch's task_id
-        if self.options.use_gt_boxes is False and (
-            {"segmentation", "keypoints"} & set(self.tasks) and "detection" not in self.tasks
-        ):
-            raise ValueError(
-                "config.evaluation.use_gt_boxes=False but the recipe has no detection task to "
-                "prompt segmentation/keypoints with; set use_gt_boxes=True or add detection."
-            )
         # Keypoint rows go to boxes of the classes named in evaluation.keypoint_classes; only a
         # recipe with the keypoint task reads the dataset's class names for that.
         class_names = (
@@ -122,6 +147,9 @@ class Predictor:
             if "keypoints" in self.tasks
             else []
         )
+        problems = evaluation_problems(config, class_names)
+        if problems:
+            raise ValueError("; ".join(problems) + ".")
         self.keypoint_labels = {
             class_names.index(name) for name in self.options.keypoint_classes if name in class_names
         }
@@ -209,10 +237,14 @@ class Predictor:
         probs = np.exp(np.asarray(out["model_log_probs"], np.float64))[: len(images)]
         return tokens, probs
 
-    def _chunks(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    def _chunks(self, items: Sequence[Any], task: str, unit: str) -> Iterator[Sequence[Any]]:
+        """`items` in decoder calls of `images_per_batch`, reporting `task` progress."""
         size = self.options.images_per_batch
+        progress = cli.Progress(f"predict {task}", total=len(items), unit=unit)
         for start in range(0, len(items), size):
             yield items[start : start + size]
+            progress.update(min(start + size, len(items)))
+        progress.close()
 
     # Tasks.
     def _detect(self, examples, images) -> list[dict[str, np.ndarray]]:
@@ -220,7 +252,7 @@ class Predictor:
         config = _decode_config(codec.seq_len - codec.PROMPT_LENGTH, self.options.detection_top_p)
         prompt = np.array([[codec.vocab.DETECTION_PROMPT]], np.int32)
         found = []
-        for chunk in self._chunks(images):
+        for chunk in self._chunks(images, "detection", "images"):
             tokens, probs = self._generate(
                 [_Image(t, prompt) for t in chunk], 1, "detection", config
             )
@@ -256,7 +288,7 @@ class Predictor:
             empty = np.zeros((0, codec.PROMPT_LENGTH), np.int32)
             prompted.append(_Image(tokens, np.stack(prompts) if prompts else empty))
         masks = []
-        for chunk_index, chunk in enumerate(self._chunks(prompted)):
+        for chunk_index, chunk in enumerate(self._chunks(prompted, "segmentation", "images")):
             start = chunk_index * self.options.images_per_batch
             # Each sample is one decoder call with all boxes' rows (the image encoded once per
             # call). All samples as extra rows of one call measured only 7% faster on CPU
@@ -295,7 +327,7 @@ class Predictor:
                 owners.append((index, box_index, crop))
         keypoints = [np.zeros((len(f["labels"]), NUM_KEYPOINTS, 3), np.float32) for f in found]
         decoded_rows = []
-        for chunk in self._chunks(crops):
+        for chunk in self._chunks(crops, "keypoints", "person crops"):
             decoded_rows.extend(self._generate(chunk, 1, "keypoints", config)[0][:, 0])
         for (index, box_index, crop), row in zip(owners, decoded_rows, strict=True):
             keypoints[index][box_index] = codec.decode(row, crop)[0]
@@ -306,7 +338,7 @@ class Predictor:
         config = _decode_config(codec.seq_len - codec.PROMPT_LENGTH, 0.0)
         prompt = np.array([[codec.vocab.CAPTION_PROMPT]], np.int32)
         captions = []
-        for chunk in self._chunks(images):
+        for chunk in self._chunks(images, "captioning", "images"):
             tokens, _ = self._generate([_Image(t, prompt) for t in chunk], 1, "captioning", config)
             captions.extend(codec.decode(row)[0] for row in tokens[:, 0])
         return captions

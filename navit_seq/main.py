@@ -6,19 +6,68 @@ The trainer is `navit_seq.train.<config.trainer>` (or a full module path): one p
 """
 
 import importlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
 import ml_collections
 from absl import flags
 
-from navit_seq import cli, config_utils, cpu_runtime, sharding
+from navit_seq import cli, config_utils, cpu_runtime, inference, pipeline, sharding
+from navit_seq.data import sources
 from navit_seq.train import loop
 
 # absl's --help lists only the key flags of the command's own module.
 for name in ("config", "workdir", "compilation_cache_dir"):
     flags.declare_key_flag(name)
 flags.adopt_module_key_flags(cli)
+
+
+def check_data(
+    config: ml_collections.ConfigDict,
+    splits: Callable[[ml_collections.ConfigDict], Mapping[str, str]] | None = None,
+) -> None:
+    """Fails fast, before a model is built: one ValueError listing everything the recipe's
+    dataset cannot serve (`pipeline.dataset_problems`: data options, tasks, tokenizer, the
+    splits the command reads, each task's annotations; `inference.evaluation_problems`), each
+    with the config key to change. `splits`: the command's {config key: split}
+    (`training_splits`, `evaluation_splits`; None: it reads none). Recipes whose trainer reads
+    no TFDS dataset through the pipeline (a `config.data` without `name`, e.g. the tests' toy
+    recipe) are not checked."""
+    data = config.data
+    if "name" not in data:
+        return
+    problems = pipeline.dataset_problems(data, splits(config) if splits else {})
+    if "evaluation" in config:
+        class_names = sources.class_names(data.name, data.data_dir)
+        problems += inference.evaluation_problems(config, class_names)
+    if problems:
+        listed = "; ".join(
+            f"({number}) {problem.rstrip('.')}" for number, problem in enumerate(problems, 1)
+        )
+        raise ValueError(
+            f"the recipe does not fit dataset {data.name!r} in {data.data_dir!r} (change the "
+            f"keys named with --config.KEY=VALUE): {listed}."
+        )
+
+
+def training_splits(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """{config key: split} of the splits a training run reads: the training split, and the
+    evaluation split(s) when the run evaluates."""
+    splits = {"data.train_split": config.data.train_split}
+    if config.eval_every_steps > 0:
+        splits |= evaluation_splits(config)
+    return splits
+
+
+def evaluation_splits(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """{config key: split} of what an evaluation reads: `data.eval_split` and, for recipes with
+    whole-split task metrics, `evaluation.split` when it names another one."""
+    splits = {"data.eval_split": config.data.eval_split}
+    other = (config.get("evaluation") or {}).get("split")
+    if other and other != config.data.eval_split:
+        splits["evaluation.split"] = other
+    return splits
 
 
 def objective_for(config: ml_collections.ConfigDict) -> loop.Objective:
@@ -35,8 +84,9 @@ def main(argv: list[str]) -> None:
     workdir = config_utils.required_workdir()
     sharding.maybe_initialize_distributed(config)
     cpu_settings = cpu_runtime.prepare_process_for_training()
-    workdir.mkdir(parents=True, exist_ok=True)
     config_utils.check_same_recipe(config, workdir / "config.json")
+    check_data(config, training_splits)
+    workdir.mkdir(parents=True, exist_ok=True)
     if config.get("init_from"):
         config_utils.check_same_recipe(
             config, Path(config.init_from) / "config.json",

@@ -12,7 +12,7 @@ its own `batch_size / process_count` rows; the trainer assembles them into globa
 module never imports JAX (grain workers import it), so the caller passes the process index.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from navit_seq import tasks
+from navit_seq import cli, tasks
 from navit_seq.data import augment, mixing, packing, patches, resolution, token_drop
 from navit_seq.tasks.keypoints import crop_image
 from navit_seq.tasks.sequence import CROP_BOX
@@ -101,6 +101,74 @@ def validate_data_config(config: ml_collections.ConfigDict, process_count: int =
             "pixels."
         )
     mixing.validate_mixing_config(config)
+
+
+# Examples read, evenly spread over a split, to find what each task learns from: enough to
+# meet a kind of annotation that one image in a few dozen holds, and quick (images stay encoded).
+ANNOTATION_SAMPLE = 256
+
+
+def dataset_problems(config: ml_collections.ConfigDict, splits: Mapping[str, str]) -> list[str]:
+    """Everything the dataset of the data config `config` cannot serve, one item per problem
+    naming the config key to change ([] = none): the data config's own errors, each task
+    (its tokenizer, options and class count), the splits the command reads (`splits`:
+    {config key: split}, e.g. {"data.eval_split": "validation"}) and whether each holds what
+    each task learns from (`Task.annotations`, looked for in up to ANNOTATION_SAMPLE examples
+    read evenly over the split). Lets a command fail before its first step, not at the final
+    evaluation. The dataset must exist (FileNotFoundError naming the build command if not)."""
+    from navit_seq.data import sources
+
+    available = sources.split_names(config.name, config.data_dir)
+    problems = []
+    try:
+        validate_data_config(config)
+        names = [name for name, _ in mixing.task_weights(config)]
+    except ValueError as error:
+        problems.append(str(error))
+        names = []
+    task_list = []
+    for name in names:
+        try:
+            task_list.append(tasks.get_task(tasks.task_config(config, name)))
+        except (ValueError, OSError) as error:
+            problems.append(str(error))
+    lacking: dict[str, list[str]] = {}  # task name -> where its annotations were not found
+    for key, split in splits.items():
+        base, reason = split.split("[", 1)[0], ""
+        if base not in available:
+            problems.append(
+                f"{key}={split!r} is not a split of the dataset (it has {', '.join(available)}); "
+                f"set {key} to one of them"
+            )
+            continue
+        try:  # an empty slice ("train[:0]") fails in ArrayRecord, a malformed one in TFDS
+            source = sources.data_source(config.name, split, config.data_dir, decode_images=False)
+        except ValueError as error:
+            source, reason = [], f" ({cli.one_line(error)})"
+        if not len(source):
+            problems.append(
+                f"{key}={split!r} selects no examples{reason}; select some, e.g. {base!r} or "
+                f"{base + '[:32]'!r}"
+            )
+            continue
+        sample = np.unique(np.linspace(0, len(source) - 1, ANNOTATION_SAMPLE).astype(int))
+        missing = list(task_list)
+        for index in sample:
+            example = source[int(index)]
+            missing = [task for task in missing if not task.annotations.present(example)]
+            if not missing:
+                break
+        for task in missing:
+            lacking.setdefault(task.name, []).append(f"{split!r} ({key}, {len(sample)} read)")
+    task_key = "data.tasks" if config.get("tasks") else "data.task.name"
+    problems += [
+        f"task {task.name!r} ({task_key}) learns from {task.annotations.description}, found in "
+        f"none of the examples read from {' and '.join(lacking[task.name])}; drop it from "
+        f"{task_key} or use a dataset that has them"
+        for task in task_list
+        if task.name in lacking
+    ]
+    return problems
 
 
 class AddIndex(grain.transforms.MapWithIndex):

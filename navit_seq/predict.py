@@ -4,12 +4,21 @@
 DIR's latest checkpoint (the recipe is DIR/config.json, written by `navit_seq.main`), runs the
 chosen tasks on the image (`navit_seq.inference`) and saves OUT.png (boxes with class and
 score, masks, keypoint skeletons and the caption drawn at the image's native resolution) and
-OUT.json (the predictions: normalized (y, x) coordinates, COCO RLE masks).
+OUT.json (the predictions: normalized (y, x) coordinates, COCO RLE masks). `--image` may also
+be a folder: every image in it is predicted, into OUT/<name>.{png,json}.
+
+Images are read as they are shown: turned as their EXIF orientation says, greyscale, palette,
+CMYK and 16-bit pixels converted to 8-bit RGB, alpha dropped (as the input pipeline does), and
+a longer side over MAX_SIDE shrunk to it (JPEGs decoded at a reduced scale), since the model
+sees at most `data.eval_max_tokens` patches anyway. A file that cannot be read is one line
+naming it and the reason; outputs are written only once complete.
 """
 
 import argparse
 import json
 import os
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,20 +27,63 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+from PIL import ExifTags, Image, ImageOps  # noqa: E402
 
 from navit_seq import cli  # noqa: E402
 
 TASKS = ("detection", "segmentation", "keypoints", "captioning")
+# Longest image side predicted and drawn: native for photos up to 2K; the model sees at most
+# data.eval_max_tokens patches (e.g. 100 of 16 px) whatever the size.
+MAX_SIDE = 2048
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+TURNING = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Any PIL-readable image (PNG, JPEG, ...) as uint8 RGB [H, W, 3]."""
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """A loaded PIL image as uint8 RGB [H, W, 3]; 16-bit pixels scaled to 8 bits (value >> 8,
+    as `patches.standardize_pixels` does), alpha dropped."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        pixels = np.asarray(image)  # [H, W] uint16 or int32
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"{image.mode} pixels outside 0..65535 (not a 16-bit image)")
+        return np.repeat((pixels.astype(np.uint16) >> 8).astype(np.uint8)[..., None], 3, -1)
+    if image.mode == "F":
+        raise ValueError("floating-point pixels (mode F); save it as 8- or 16-bit")
+    if image.mode == "P" and "transparency" in image.info:  # via RGBA, as PIL asks
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"))  # [H, W, 3]
+
+
+def load_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int]]:
+    """(uint8 RGB [h, w, 3] pixels, the file's (H, W) as oriented) of an image file: turned as
+    its EXIF orientation says and shrunk to a longer side of at most MAX_SIDE. Anything that is
+    not a readable image raises a ValueError naming the file and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        reason = "a folder, not a file" if path.is_dir() else "no such file"
+        raise ValueError(f"--image {path}: {reason}; name an image file or a folder of them.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"--image {path}: the file is empty (0 bytes).")
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))  # [H, W, 3]; drops alpha, expands grey
-    except (FileNotFoundError, UnidentifiedImageError) as error:
-        raise ValueError(f"--image {path}: cannot read an image there ({error}).") from error
+        with warnings.catch_warnings():
+            # Up to twice PIL's limit an image only warns; it is shrunk right after decoding.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as stored:
+                width, height = stored.size
+                turned = stored.getexif().get(ExifTags.Base.Orientation, 1) in TURNING
+                stored.draft(None, (MAX_SIDE, MAX_SIDE))  # JPEG: decode at 1/2..1/8 scale
+                image = ImageOps.exif_transpose(stored)  # a loaded copy, turned upright
+        image.thumbnail((MAX_SIDE, MAX_SIDE))  # in place, aspect kept; no-op when smaller
+        pixels = _to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"--image {path}: {error} Shrink the image first (e.g. to {MAX_SIDE} px)."
+        ) from error
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for unreadable files
+        raise ValueError(
+            f"--image {path}: not a readable image ({cli.one_line(error)})."
+        ) from error
+    return pixels, (width, height) if turned else (height, width)
 
 
 def image_example(image: np.ndarray, image_id: int = 0) -> dict[str, Any]:
@@ -62,7 +114,7 @@ def restore_model(workdir: Path, step: int | None = None) -> tuple[ml_collection
     """(recipe, Pix2Seq with the checkpoint's parameters) from a training workdir."""
     from flax import nnx
 
-    from navit_seq.main import objective_for
+    from navit_seq.main import check_data, objective_for
     from navit_seq.train import checkpoint as checkpoint_lib
     from navit_seq.train import loop
 
@@ -72,7 +124,20 @@ def restore_model(workdir: Path, step: int | None = None) -> tuple[ml_collection
             f"--workdir {workdir}: no config.json; train there first with `python -m "
             "navit_seq.main --config configs/pix2seq_scenes.py --workdir DIR`."
         )
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    try:
+        config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    except ValueError as error:
+        raise ValueError(
+            f"--workdir {workdir}: {config_path} is not valid JSON ({error}); it is written by "
+            "navit_seq.main: train there again, or name another --workdir."
+        ) from error
+    if config.get("trainer") != "sequence":
+        raise ValueError(
+            f"--workdir {workdir} holds a run of trainer {config.get('trainer')!r} (its "
+            "config.json), not a Pix2Seq one: predict draws boxes, masks, keypoints and "
+            "captions; name the --workdir of a sequence recipe (e.g. configs/pix2seq_scenes.py)."
+        )
+    check_data(config)  # the dataset's class names and tokenizer, the evaluation options
     trainer = loop.Trainer(config, objective_for(config))
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", every_steps=0)
     try:
@@ -155,36 +220,91 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workdir", required=True, help="training workdir (config.json + checkpoints)"
     )
-    parser.add_argument("--image", required=True, help="an image file (PNG, JPEG, ...)")
+    parser.add_argument("--image", required=True,
+                        help="an image file (PNG, JPEG, ...) or a folder of them")  # fmt: skip
     parser.add_argument("--task", default="all", choices=(*TASKS, "all"),
                         help="which task to run (default: all four)")  # fmt: skip
     parser.add_argument("--output", default=None,
                         help="output path without extension (default: WORKDIR/predictions/"
-                        "<image name>); writes OUTPUT.png and OUTPUT.json")  # fmt: skip
+                        "<image name>); writes OUTPUT.png and OUTPUT.json. For a folder of "
+                        "images: the folder they go to (default: WORKDIR/predictions)")  # fmt: skip
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--min-score", type=float, default=0.0,
                         help="draw only objects scoring at least this (default: 0)")  # fmt: skip
     cli.add_verbose_argument(parser)
+    cli.add_quiet_argument(parser)
     return parser
+
+
+def image_files(path: Path) -> list[Path]:
+    """`path` itself, or the image files of the folder `path` (by extension, sorted)."""
+    if not path.is_dir():
+        return [path]
+    extensions = set(Image.registered_extensions())
+    files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in extensions)
+    if not files:
+        raise ValueError(
+            f"--image {path}: the folder holds no image files ({', '.join(sorted(extensions))})."
+        )
+    stems = [f.stem for f in files]
+    clashing = sorted({f.name for f in files if stems.count(f.stem) > 1})
+    if clashing:
+        raise ValueError(
+            f"--image {path}: {', '.join(clashing)} would write the same outputs "
+            "(<name>.png, <name>.json); rename them or predict them one at a time."
+        )
+    return files
+
+
+def write_outputs(output: Path, picture: Image.Image, prediction: Mapping[str, Any]) -> None:
+    """OUTPUT.png and OUTPUT.json, each written whole under a temporary name and then renamed
+    into place, so a failure never leaves half a file behind."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    finals = {suffix: Path(f"{output}{suffix}") for suffix in (".json", ".png")}
+    partials = {suffix: Path(f"{path}.partial") for suffix, path in finals.items()}
+    try:
+        partials[".json"].write_text(json.dumps(to_json(prediction), indent=1) + "\n")
+        picture.save(partials[".png"], format="PNG")
+        for suffix, partial in partials.items():
+            os.replace(partial, finals[suffix])
+    finally:
+        for partial in partials.values():
+            partial.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    workdir, source = Path(args.workdir), Path(args.image)
+    files, folder = image_files(source), source.is_dir()
+    # A single image is read before TensorFlow and the model load, so a bad one fails at once.
+    first = None if folder else load_image(source)
     from navit_seq.data import sources
     from navit_seq.evaluation import draw
 
-    workdir = Path(args.workdir)
-    image = load_image(args.image)
     config, model = restore_model(workdir, args.step)
-    prediction = predict(model, config, image_example(image), args.task)
     names = sources.class_names(config.data.name, config.data.data_dir)
-    output = Path(args.output or workdir / "predictions" / Path(args.image).stem)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    picture = draw.draw_prediction(image, prediction, names, min_score=args.min_score)
-    png, json_path = Path(f"{output}.png"), Path(f"{output}.json")
-    picture.save(png)
-    json_path.write_text(json.dumps(to_json(prediction), indent=1) + "\n")
-    print(f"Saved {png} and {json_path}")
+    outputs = Path(args.output or workdir / "predictions" / ("" if folder else source.stem))
+    progress, failed = cli.Progress("predict", total=len(files), unit="images"), []
+    for done, path in enumerate(files, 1):
+        try:
+            image, size = first or load_image(path)
+        except ValueError as error:  # in a folder: named, and the other images still predicted
+            print(f"skipped {error}", file=sys.stderr, flush=True)
+            failed.append(path)
+            continue
+        prediction = predict(model, config, image_example(image), args.task)
+        picture = draw.draw_prediction(image, prediction, names, min_score=args.min_score)
+        output = outputs / path.stem if folder else outputs
+        write_outputs(output, picture, prediction)
+        read_at = f" (read at {image.shape[0]}x{image.shape[1]} of {size[0]}x{size[1]} pixels)"
+        print(f"Saved {output}.png and {output}.json{read_at if image.shape[:2] != size else ''}")
+        progress.update(done)
+    progress.close()
+    if failed:
+        raise ValueError(
+            f"--image {source}: {len(failed)} of {len(files)} images were not predicted (each "
+            f"named above); the other {len(files) - len(failed)} are in {outputs}."
+        )
     return 0
 
 

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/pix2seq_scenes.py", help="the recipe "
                         "(default: %(default)s)")  # fmt: skip
     cli.add_verbose_argument(parser)
+    cli.add_quiet_argument(parser)
     args = parser.parse_args(argv)
     if args.verbose:
         os.environ[cli.DEBUG_ENV] = "1"  # the stages print their tracebacks too

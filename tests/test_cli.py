@@ -17,22 +17,26 @@ TOY_RECIPE = "tests/train/toy_recipe.py"
 
 # command line -> flags its help must list
 HELP = {
-    "navit_seq.main --help": ["--config", "--workdir", "--compilation_cache_dir", "--verbose"],
+    "navit_seq.main --help": ["--config", "--workdir", "--compilation_cache_dir", "--verbose",
+                              "--quiet"],
     "navit_seq.evaluate -h": ["--config", "--workdir", "--step", "--compilation_cache_dir",
-                              "--results_file"],
+                              "--results_file", "--quiet"],
     "navit_seq.export --help": ["--config", "--workdir", "--step", "--dtype", "--ema", "--output",
                                 "--compilation_cache_dir", "--verbose"],
     "navit_seq.predict --help": ["--workdir", "--image", "--task", "--output", "--step",
-                                 "--min-score", "--verbose"],
+                                 "--min-score", "--verbose", "--quiet"],
     "navit_seq.data.build --help": ["scenes", "coco", "image-text", "COMMAND --help"],
     "navit_seq.data.build coco --help": ["--coco-dir", "--data-dir", "--name", "--image-dir",
-                                         "--show", "--verbose"],
-    "navit_seq.data.build scenes --help": ["--data-dir", "--train-size", "--num-workers"],
+                                         "--show", "--verbose", "--quiet"],
+    "navit_seq.data.build scenes --help": ["--data-dir", "--train-size", "--num-workers",
+                                           "--quiet"],
     "navit_seq.inspect --help": ["--config", "--image-sizes", "--num-batches", "--eval",
                                       "--output", "--rows-shown", "--verbose"],
-    "navit_seq.quickstart --help": ["--data-dir", "--workdir", "--config", "--verbose"],
+    "navit_seq.quickstart --help": ["--data-dir", "--workdir", "--config", "--verbose",
+                                    "--quiet"],
     "navit_seq.plot --help": ["--output", "--verbose"],
-    "navit_seq.experiment --help": ["--root", "--print-commands", "--aggregate", "--seeds"],
+    "navit_seq.experiment --help": ["--root", "--print-commands", "--aggregate", "--seeds",
+                                    "--quiet"],
 }  # fmt: skip
 
 
@@ -173,3 +177,66 @@ def test_build_report_names_the_image_folder_found(tmp_path):
                      str(tmp_path / "tfds"), "--name", "users_layout")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'"image_dir": "{tmp_path / "images"}"' in result.stdout
+
+
+def test_durations_read_as_seconds_minutes_or_hours():
+    assert [cli.format_duration(s) for s in (0.4, 45, 185, 7440)] == ["0s", "45s", "3m05s",
+                                                                      "2h04m"]  # fmt: skip
+
+
+def test_progress_line_has_count_share_rate_elapsed_and_eta():
+    line = cli.progress_line("train", 120, 300, "steps", 1.5, 79.0)
+    assert line == "train: 120/300 steps (40%), 1.5 steps/s, 1m19s elapsed, ETA 2m00s"
+    # No total: no share and no ETA; no rate yet: neither rate nor ETA.
+    assert cli.progress_line("eval", 12, None, "batches", 2.0, 6) == (
+        "eval: 12 batches, 2 batches/s, 6s elapsed"
+    )
+    assert cli.progress_line("train", 1, 300, "steps", None, 62) == (
+        "train: 1/300 steps (0%), 1m02s elapsed"
+    )
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_progress(steps_at: list[float], monkeypatch, capsys, quiet: bool = False) -> list[str]:
+    """Updates a 4-step Progress at the given clock times, closes it: its stderr lines."""
+    monkeypatch.setenv(cli.QUIET_ENV, "1" if quiet else "0")
+    clock = FakeClock()
+    progress = cli.Progress("train", total=4, unit="steps", every_s=10, clock=clock)
+    for step, time in enumerate(steps_at, 1):
+        clock.now = time
+        progress.update(step)
+    progress.close()
+    captured = capsys.readouterr()
+    assert captured.out == ""  # progress never mixes with the results on stdout
+    return captured.err.splitlines()
+
+
+def test_progress_prints_every_interval_timed_after_the_first_step(monkeypatch, capsys):
+    # Step 1 ends at 12 s (compilation), then one step per 2 s.
+    assert run_progress([12, 14, 16, 18], monkeypatch, capsys) == [
+        "train: 1/4 steps (25%), 12s elapsed",  # no rate yet: it is timed from step 1
+        "train: 4/4 steps (100%), 0.5 steps/s, 18s elapsed",  # the last line, at close
+    ]
+
+
+def test_progress_of_short_work_prints_nothing(monkeypatch, capsys):
+    assert run_progress([1, 2, 3, 4], monkeypatch, capsys) == []
+
+
+def test_quiet_silences_progress(monkeypatch, capsys):
+    assert run_progress([12, 14, 16, 18], monkeypatch, capsys, quiet=True) == []
+
+
+def test_quiet_flag_is_exported_to_the_command_and_the_processes_it_starts(monkeypatch):
+    monkeypatch.delenv(cli.QUIET_ENV, raising=False)
+    assert not cli.quiet()
+    with pytest.raises(SystemExit):
+        cli.run(lambda: 0, argv=["--quiet"])
+    assert cli.quiet() and os.environ[cli.QUIET_ENV] == "1"

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).parents[1] / "navit_seq"
 # Lowest first. A part is a subpackage (data, tasks, ...) or a top-level module (decode, ...).
 LAYERS = (
-    {"cli"},  # one-line errors, --help, compilation cache: imports nothing of navit_seq
+    {"cli"},  # one-line errors, --help, progress, compilation cache: imports no navit_seq
     {"config_utils", "sharding", "cpu_runtime", "kernels"},
     {"data"},
     {"tasks", "evaluation"},

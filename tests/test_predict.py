@@ -69,19 +69,6 @@ def test_missing_workdir_config_is_rejected_naming_the_fix(tmp_path):
         predict.restore_model(tmp_path)
 
 
-def test_unreadable_image_is_rejected_naming_the_path(tmp_path):
-    bad = tmp_path / "not_an_image.png"
-    bad.write_text("hello")
-    with pytest.raises(ValueError, match=f"--image {bad}: cannot read an image"):
-        predict.load_image(bad)
-
-
-def test_grey_and_alpha_images_load_as_rgb(tmp_path):
-    Image.new("LA", (5, 3), (128, 255)).save(tmp_path / "grey.png")
-    image = predict.load_image(tmp_path / "grey.png")
-    assert image.shape == (3, 5, 3) and image.dtype == np.uint8 and (image == 128).all()
-
-
 @pytest.mark.slow  # shares the 2-step workdir; compiles the decoder for each task
 def test_split_grid_shows_each_image_prediction_then_ground_truth(workdir, tmp_path):
     config, model = predict.restore_model(workdir)

@@ -189,11 +189,15 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--show-split", default=None, help="split to show (None: the first)")
         cli.add_verbose_argument(command)
+        cli.add_quiet_argument(command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # the builders report progress lines of their own (cli.Progress)
     if args.command == "scenes":
         options = {option: getattr(args, option) for option in SCENE_DEFAULTS}
         start = time.perf_counter()

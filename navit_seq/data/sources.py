@@ -67,7 +67,8 @@ def _object_array(values: list[Any], dtype: type, shape: tuple[int, ...]) -> np.
 def to_numpy(record: dict[str, Any]) -> dict[str, Any]:
     """One decoded TFDS record -> numpy arrays with fixed dtypes; text as `str`, RLE as bytes.
 
-    `objects/mask_rle` and `objects/phrase`, `captions` are 1-D object arrays (of bytes, str).
+    `objects/mask_rle` and `objects/phrase`, `captions` are 1-D object arrays (of bytes, str);
+    `image` stays the encoded file's bytes when the source skips decoding (`decode_images`).
     """
     objects = record["objects"]
     converted = {
@@ -77,7 +78,11 @@ def to_numpy(record: dict[str, Any]) -> dict[str, Any]:
     converted["mask_rle"] = _text_array([_as_bytes(v) for v in objects["mask_rle"]])
     converted["phrase"] = _text_array([_as_str(v) for v in objects["phrase"]])
     return {
-        "image": np.asarray(record["image"], np.uint8),  # [H, W, 3]
+        "image": (
+            record["image"]
+            if isinstance(record["image"], bytes)
+            else np.asarray(record["image"], np.uint8)  # [H, W, 3]
+        ),
         "image_id": np.int64(record["image_id"]),
         "objects": converted,
         "polygon_points": np.asarray(record["polygon_points"], np.float32).reshape(-1, 2),
@@ -87,19 +92,27 @@ def to_numpy(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class NumpySource:
-    """A grain random-access source (`len`, `[i]`) of `to_numpy` examples of one split."""
+    """A grain random-access source (`len`, `[i]`) of `to_numpy` examples of one split.
 
-    def __init__(self, name: str, split: str, data_dir: str | os.PathLike):
+    `decode_images=False` leaves each image as its file's bytes: reading annotations only
+    (the fail-fast checks of `navit_seq.pipeline.dataset_problems`) costs no decoding.
+    """
+
+    def __init__(
+        self, name: str, split: str, data_dir: str | os.PathLike, decode_images: bool = True
+    ):
         self.name, self.split, self.data_dir = name, split, os.fspath(data_dir)
-        builder = _builder(name, self.data_dir)
-        splits = sorted(builder.info.splits)
+        splits = split_names(name, self.data_dir)
         # TFDS slicing ("train[:32]", "train[10%:]") reads part of a split: check its name.
         if split.split("[", 1)[0] not in splits:
             raise ValueError(
                 f"data_source: split={split!r} is not in dataset {name!r} at {self.data_dir!r}; "
                 f"its splits are {splits} (a slice such as 'train[:32]' also works)."
             )
-        self._source = tfds.data_source(name, split=split, data_dir=self.data_dir)
+        decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+        self._source = tfds.data_source(
+            name, split=split, data_dir=self.data_dir, decoders=decoders
+        )
 
     def __len__(self) -> int:
         return len(self._source)
@@ -128,9 +141,17 @@ def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def data_source(name: str, split: str, data_dir: str | os.PathLike) -> NumpySource:
-    """The numpy source of `split` of the prepared TFDS dataset `name` in `data_dir`."""
-    return NumpySource(name, split, data_dir)
+def data_source(
+    name: str, split: str, data_dir: str | os.PathLike, decode_images: bool = True
+) -> NumpySource:
+    """The numpy source of `split` of the prepared TFDS dataset `name` in `data_dir`
+    (`decode_images=False`: images stay encoded bytes)."""
+    return NumpySource(name, split, data_dir, decode_images)
+
+
+def split_names(name: str, data_dir: str | os.PathLike) -> list[str]:
+    """The splits of the prepared dataset, sorted (FileNotFoundError naming the fix if none)."""
+    return sorted(_builder(name, os.fspath(data_dir)).info.splits)
 
 
 def class_names(name: str, data_dir: str | os.PathLike) -> list[str]:

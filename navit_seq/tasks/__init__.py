@@ -2,12 +2,16 @@
 
 The pipeline, model and trainers only ever call `get_task(config)` and the `Task` interface, so
 adding a task is one module plus one line in `_TASKS`; nothing else branches on a task name.
+Each task also declares the annotations it learns from (`Task.annotations`), so the commands
+can check a dataset against a recipe before training (`navit_seq.pipeline.dataset_problems`).
 Task ids: 0 classification, 1 detection, 2 segmentation, 3 keypoints, 4 captioning (the
 Pix2Seq-v2 codecs, through `navit_seq.tasks.sequence`), 5 image_text (contrastive captions).
 """
 
+import dataclasses
 import importlib
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import ml_collections
 import numpy as np
@@ -27,11 +31,23 @@ _TASKS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Annotations:
+    """What a task learns from. `present(example)` says whether one decoded example holds any
+    (it reads annotation fields only, never the pixels); `description` names them in errors,
+    with where a COCO-format export keeps them. `present` must be a module-level function:
+    tasks travel to grain worker processes by pickle."""
+
+    description: str  # e.g. "person keypoints (objects/num_keypoints > 0; person_keypoints_*)"
+    present: Callable[[Mapping[str, Any]], bool]
+
+
 class Task(Protocol):
     """What the input pipeline needs from a task."""
 
     name: str
     task_id: int  # unique per task; the packed batch's `task_id` holds it per example
+    annotations: Annotations  # what an example must hold for `encode` to make targets of it
 
     def encode(
         self, example: dict, *, training: bool, rng: np.random.Generator
@@ -65,3 +81,17 @@ def task_config(data_config: ml_collections.ConfigDict, name: str) -> ml_collect
     task.dataset = data_config.name
     task.data_dir = data_config.data_dir
     return task
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+    """`config.num_classes`, or (0 / unset) the number of class names of the dataset."""
+    if config.get("num_classes"):
+        return int(config.num_classes)
+    if not config.get("dataset"):
+        raise ValueError(
+            f"data.task.num_classes={config.get('num_classes')} and no dataset to read the "
+            "classes from; set data.task.num_classes."
+        )
+    from navit_seq.data import sources  # TFDS import only when a dataset is read
+
+    return len(sources.class_names(config.dataset, data_dir=config.data_dir))

@@ -4,8 +4,18 @@ NaViT pretrains with sigmoid cross-entropy on multi-hot labels (JFT); on a detec
 dataset the labels are the classes of the image's objects (`objects/label`).
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 import numpy as np
+
+from navit_seq.tasks import Annotations, num_classes
+
+
+def has_labels(example: Mapping[str, Any]) -> bool:
+    """Whether the example has an object, i.e. a class to learn."""
+    return len(np.asarray(example["objects"]["label"]).reshape(-1)) > 0
 
 
 class ClassificationTask:
@@ -13,14 +23,17 @@ class ClassificationTask:
 
     name = "classification"
     task_id = 0
+    annotations = Annotations(
+        "object labels (objects/label; a COCO-format export's instances_<split>.json)", has_labels
+    )
 
     def __init__(self, config: ml_collections.ConfigDict):
-        if config.get("num_classes", 0) <= 0:
+        self.num_classes = num_classes(config)  # 0: the dataset's
+        if self.num_classes <= 0:
             raise ValueError(
                 f"data.task.num_classes={config.get('num_classes')}; set it to the dataset's "
                 "number of classes (a positive integer)."
             )
-        self.num_classes = int(config.num_classes)
 
     def encode(
         self, example: dict, *, training: bool = False, rng: np.random.Generator | None = None

@@ -15,7 +15,9 @@ import ml_collections
 import numpy as np
 
 from navit_seq.data.packing import RaggedSpec
+from navit_seq.tasks import Annotations
 from navit_seq.tasks.captioning import TextTokenizer, _as_text
+from navit_seq.tasks.sequence import CAPTIONS, tokenizer_path
 
 TEXT = "text"  # name of the ragged group (packing.RaggedSpec)
 
@@ -40,6 +42,7 @@ class ImageTextTask:
 
     name: ClassVar[str] = "image_text"
     task_id: ClassVar[int] = 5
+    annotations: ClassVar[Annotations] = CAPTIONS
     STAT_KEYS: ClassVar[tuple[str, ...]] = (
         "examples",
         "no_caption",  # examples without a non-empty caption (the packer skips the image)
@@ -81,7 +84,6 @@ class ImageTextTask:
 def from_config(config: ml_collections.ConfigDict) -> ImageTextTask:
     """`data.task` fields: `tokenizer` (path; "": the dataset's), `max_text_len`."""
     from navit_seq.data.text import Tokenizer
-    from navit_seq.tasks.sequence import tokenizer_path
 
     path = tokenizer_path(config)
     if path is None:

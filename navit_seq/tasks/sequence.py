@@ -13,9 +13,13 @@ Config (`data.task`, shared by every sequence task of a run): `seq_len` (T), `nu
 field (`max_instances`, `end_weight`, ...), and per-task overrides in a sub-dict named after the
 task (`data.task.keypoints.max_instances = 20`). `dataset` and `data_dir` are filled in by the
 pipeline so a task can find the dataset's class names and tokenizer.
+
+Each task declares what it learns from (`SequenceTask.annotations`): detection boxes of
+non-crowd objects, segmentation polygons, keypoints person keypoints, captioning captions.
 """
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -24,7 +28,7 @@ import numpy as np
 from navit_seq import tasks
 from navit_seq.data import mixing
 from navit_seq.data.packing import RaggedSpec
-from navit_seq.tasks.captioning import CaptioningTask
+from navit_seq.tasks.captioning import CaptioningTask, _as_text
 from navit_seq.tasks.detection import DetectionTask
 from navit_seq.tasks.keypoints import KeypointTask
 from navit_seq.tasks.segmentation import SegmentationTask
@@ -54,6 +58,46 @@ def decoder_rows_spec(seq_len: int, max_rows_per_seq: int) -> RaggedSpec:
     )
 
 
+def has_boxes(example: Mapping[str, Any]) -> bool:
+    """An object that is not a crowd region (detection rows hold those)."""
+    is_crowd = np.asarray(example["objects"]["is_crowd"], bool).reshape(-1)
+    return bool((~is_crowd).any())
+
+
+def has_polygons(example: Mapping[str, Any]) -> bool:
+    """An object outlined by a polygon (segmentation encodes polygons, not RLE-only masks)."""
+    return bool((np.asarray(example["objects"]["num_polygons"]).reshape(-1) > 0).any())
+
+
+def has_keypoints(example: Mapping[str, Any]) -> bool:
+    """An object with a labelled keypoint."""
+    return bool((np.asarray(example["objects"]["num_keypoints"]).reshape(-1) > 0).any())
+
+
+def has_caption(example: Mapping[str, Any]) -> bool:
+    """A caption that is not blank."""
+    captions = np.asarray(example["captions"], object).reshape(-1)
+    return any(_as_text(caption).strip() for caption in captions)
+
+
+BOXES = tasks.Annotations(
+    "object boxes (objects/bbox of non-crowd objects; a COCO-format export's "
+    "instances_<split>.json)",
+    has_boxes,
+)
+POLYGONS = tasks.Annotations(
+    "object polygons (objects/num_polygons > 0; the 'segmentation' polygons of a COCO-format "
+    "export's instances_<split>.json, RLE-only crowd masks do not count)",
+    has_polygons,
+)
+KEYPOINTS = tasks.Annotations(
+    "person keypoints (objects/num_keypoints > 0; a COCO-format export's "
+    "person_keypoints_<split>.json)",
+    has_keypoints,
+)
+CAPTIONS = tasks.Annotations("captions (a COCO-format export's captions_<split>.json)", has_caption)
+
+
 @dataclasses.dataclass(frozen=True)
 class SequenceTask:
     """A Pix2Seq codec as a pipeline task: encode -> decoder rows + counts."""
@@ -61,6 +105,7 @@ class SequenceTask:
     name: str
     task_id: int
     codec: Any  # DetectionTask | SegmentationTask | KeypointTask | CaptioningTask
+    annotations: tasks.Annotations  # what an example needs to give the task a row
 
     @property
     def vocab(self) -> Vocab:
@@ -112,20 +157,6 @@ def task_options(config: ml_collections.ConfigDict, codec: type) -> dict[str, An
     return options
 
 
-def num_classes(config: ml_collections.ConfigDict) -> int:
-    """`config.num_classes`, or (0 / unset) the number of class names of the dataset."""
-    if config.get("num_classes"):
-        return int(config.num_classes)
-    if not config.get("dataset"):
-        raise ValueError(
-            f"data.task.num_classes={config.get('num_classes')} and no dataset to read the "
-            "classes from; set data.task.num_classes."
-        )
-    from navit_seq.data import sources  # TFDS import only when a dataset is read
-
-    return len(sources.class_names(config.dataset, data_dir=config.data_dir))
-
-
 def tokenizer_path(config: ml_collections.ConfigDict) -> str | None:
     """`config.tokenizer`, else the dataset's SentencePiece model, else None."""
     if config.get("tokenizer"):
@@ -154,7 +185,7 @@ def vocab_from_config(config: ml_collections.ConfigDict) -> Vocab:
 
             text_vocab_size = Tokenizer(path).vocab_size
     return Vocab(
-        num_classes=num_classes(config),
+        num_classes=tasks.num_classes(config),
         num_bins=int(config.get("num_bins", 1000)),
         text_vocab_size=text_vocab_size,
     )
@@ -162,17 +193,17 @@ def vocab_from_config(config: ml_collections.ConfigDict) -> Vocab:
 
 def detection(config: ml_collections.ConfigDict) -> SequenceTask:
     codec = DetectionTask(vocab_from_config(config), **task_options(config, DetectionTask))
-    return SequenceTask("detection", 1, codec)
+    return SequenceTask("detection", 1, codec, BOXES)
 
 
 def segmentation(config: ml_collections.ConfigDict) -> SequenceTask:
     codec = SegmentationTask(vocab_from_config(config), **task_options(config, SegmentationTask))
-    return SequenceTask("segmentation", 2, codec)
+    return SequenceTask("segmentation", 2, codec, POLYGONS)
 
 
 def keypoints(config: ml_collections.ConfigDict) -> SequenceTask:
     codec = KeypointTask(vocab_from_config(config), **task_options(config, KeypointTask))
-    return SequenceTask("keypoints", 3, codec)
+    return SequenceTask("keypoints", 3, codec, KEYPOINTS)
 
 
 def captioning(config: ml_collections.ConfigDict) -> SequenceTask:
@@ -187,7 +218,7 @@ def captioning(config: ml_collections.ConfigDict) -> SequenceTask:
     codec = CaptioningTask(
         vocab_from_config(config), Tokenizer(path), **task_options(config, CaptioningTask)
     )
-    return SequenceTask("captioning", 4, codec)
+    return SequenceTask("captioning", 4, codec, CAPTIONS)
 
 
 def sequence_tasks(data_config: ml_collections.ConfigDict) -> list[SequenceTask]:

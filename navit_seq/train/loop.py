@@ -22,7 +22,7 @@ from clu import metrics as clu_metrics
 from clu import periodic_actions
 from flax import nnx
 
-from navit_seq import cpu_runtime, sharding
+from navit_seq import cli, cpu_runtime, sharding
 from navit_seq.train import checkpoint as checkpoint_lib
 from navit_seq.train import metrics as metrics_lib
 from navit_seq.train import optimizer as optimizer_lib
@@ -266,13 +266,16 @@ class Trainer:
         """Metrics of one pass over `batches` (the eval iterator is closed afterwards)."""
         total = None
         iterator = iter(batches)
+        progress = cli.Progress("eval", unit="batches")
         try:
             with self.context():
-                for local_batch in iterator:
+                for count, local_batch in enumerate(iterator, 1):
                     batch = self.global_batch(local_batch)
                     total = merge_metrics(total, host_metrics(self._eval_step(state, batch)))
+                    progress.update(count)
         finally:
             close_iterator(iterator)
+        progress.close()
         if total is None:
             raise ValueError("The evaluation split yielded no batches; check config.data.")
         return compute_metrics(total)
@@ -382,7 +385,8 @@ def train_and_evaluate(
     logger.truncate_after(start_step)
     preemption = checkpoint_lib.PreemptionFlag().install()
     num_steps = config.num_train_steps
-    hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=logger.writer)]
+    progress = cli.Progress("train", total=num_steps, unit="steps")
+    hooks = []
     if config.get("profile_steps", 0) and jax.process_index() == 0:
         hooks.append(
             periodic_actions.Profile(
@@ -406,6 +410,7 @@ def train_and_evaluate(
                 window_start = time.perf_counter()
             else:
                 timed_steps += 1
+            progress.update(step)
             for hook in hooks:
                 hook(step)
             if is_due(step, config.log_every_steps, num_steps):
@@ -434,6 +439,7 @@ def train_and_evaluate(
                 logger.write(step, "eval", eval_scalars)
                 print(f"step {step} eval: {_fmt(eval_scalars)}", flush=True)
                 window_start += time.perf_counter() - eval_started  # rates count training only
+        progress.close()
     finally:
         close_iterator(train_iter)
         checkpointer.close()  # waits for the last asynchronous save

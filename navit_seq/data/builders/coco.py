@@ -686,7 +686,7 @@ class CocoFormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         return {split: self._generate_examples(plan) for split, plan in self.plans.items()}
 
     def _generate_examples(self, plan: SplitPlan) -> Iterator[tuple[int, dict[str, Any]]]:
-        for image_id in sorted(plan.images):
+        for image_id in common.with_progress(sorted(plan.images), plan.name, len(plan.images)):
             yield image_id, example_for_image(plan, image_id, self._label_of, self._name_of)
 
     def _download_and_prepare(self, dl_manager, download_config=None) -> None:

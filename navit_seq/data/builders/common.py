@@ -1,13 +1,18 @@
-"""What the folder builders (coco.py, image_text.py) share: the dataset-name check, one TFDS
-builder class per dataset name, and "build once, then read the build report"."""
+"""What the builders share: the dataset-name check, one TFDS builder class per dataset name,
+"build once, then read the build report" (coco.py, image_text.py), and progress lines."""
 
 import json
 import os
 import re
 import types
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import tensorflow_datasets as tfds
+
+from navit_seq import cli
+
+Item = TypeVar("Item")
 
 REPORT_FILE = "build_report.json"  # per-split counts, skips and adjustments, in the dataset dir
 
@@ -54,3 +59,13 @@ def prepare_and_report(
     with open(report_path) as f:
         report = json.load(f)
     return {**report, "dataset_dir": str(builder.data_dir), "already_built": already_built}
+
+
+def with_progress(items: Iterable[Item], split: str, total: int) -> Iterator[Item]:
+    """`items` (a split's examples as TFDS pulls them), with a `navit_seq.cli.Progress` line
+    `build <split>: done/total examples, rate, ETA` while they are written."""
+    progress = cli.Progress(f"build {split}", total=total, unit="examples")
+    for done, item in enumerate(items, 1):
+        yield item
+        progress.update(done)
+    progress.close()

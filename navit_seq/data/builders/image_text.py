@@ -227,7 +227,8 @@ class ImageTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {split: self._generate_examples(plan) for split, plan in self.plans.items()}
 
     def _generate_examples(self, plan: SplitPlan) -> Iterator[tuple[int, dict[str, Any]]]:
-        for image, (image_id, captions) in sorted(plan.images.items(), key=lambda i: i[1][0]):
+        images = sorted(plan.images.items(), key=lambda item: item[1][0])
+        for image, (image_id, captions) in common.with_progress(images, plan.name, len(images)):
             read = read_image(os.path.join(self._folder, image))
             if read is None:
                 plan.count("skipped", "corrupt_image", image)

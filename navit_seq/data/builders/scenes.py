@@ -19,6 +19,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from navit_seq.data import scene_render, text
+from navit_seq.data.builders import common
 from navit_seq.data.features import example_features
 
 REPORT_FILE = "build_report.json"
@@ -112,7 +113,7 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
             records = self._worker_pool().imap(scene_render.render_record, tasks, chunksize=32)
         else:
             records = map(scene_render.render_record, tasks)
-        yield from self._keyed(split, records)
+        yield from self._keyed(split, common.with_progress(records, split, len(tasks)))
 
     def _worker_pool(self) -> multiprocessing.pool.Pool:
         """One pool for all splits, closed when preparation ends."""
