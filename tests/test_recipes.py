@@ -72,7 +72,7 @@ def test_recipe_arguments_parse_and_a_malformed_one_is_an_error_naming_it():
 @pytest.mark.parametrize(
     ("recipe", "takes"),
     [("quickstart", "steps"), ("navit_shapes", "steps"), ("contrastive", "steps, loss, data"),
-     ("pix2seq_scenes", "steps, data_dir, tasks"), ("navit_b16_pretrain", "none"),
+     ("pix2seq_scenes", "steps, data_dir, tasks, data"), ("navit_b16_pretrain", "none"),
      ("pix2seq_v2_multitask", "none")],
 )  # fmt: skip
 def test_misspelt_recipe_argument_is_an_error_listing_the_recipes_arguments(recipe, takes):
@@ -97,3 +97,8 @@ def test_every_recipe_has_the_shared_loop_fields_and_steps_follow_the_argument()
         assert config.num_train_steps == 7
         assert config.seed == 0 and config.log_batch_fingerprint is False
         assert config.checkpoint_every_steps > 0 and config.keep_checkpoints > 0
+
+
+def test_scenes_recipe_reads_the_named_scene_variant():
+    assert config_utils.load_config_file(SCENES).data.name == "scenes"
+    assert config_utils.load_config_file(f"{SCENES}:data=scenes_easy").data.name == "scenes_easy"
