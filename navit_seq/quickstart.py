@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--workdir", default="workdirs/quickstart", help="training outputs "
                         "(default: %(default)s)")  # fmt: skip
-    parser.add_argument("--config", default="configs/pix2seq_scenes.py", help="the recipe; it "
-                        "takes the arguments steps, data and tasks (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--config",
+        default="configs/pix2seq_scenes.py",
+        help="the recipe; it takes the arguments steps, data and tasks (default: %(default)s)",
+    )
     cli.add_verbose_argument(parser)
     cli.add_quiet_argument(parser)
     args = parser.parse_args(argv)
