@@ -6,10 +6,11 @@ A tiny NaViT encoder + decoder trained on 2 CPU cores in minutes (`trainer = "se
     python -m navit_seq.main --config configs/pix2seq_scenes.py --workdir workdirs/scenes_mt
     python -m navit_seq.predict --workdir workdirs/scenes_mt --image PATH  # PNG + JSON
 Arguments (e.g. `configs/pix2seq_scenes.py:steps=300,data_dir=/tmp/data,tasks=detection,
-data=scenes_easy`): `steps` overrides num_train_steps, `data_dir` where the scenes dataset
-was built, `data` which scene variant (`scenes`, the default; `scenes_easy`, the quickstart's),
-`tasks` a `+`-joined subset of the four tasks trained with equal weights (e.g.
-`tasks=detection` for the first stage of staged training: the model is the same, so `--config.init_from` carries it to the next).
+data=scenes_easy`): `steps` overrides num_train_steps, `data_dir` where the scenes dataset was
+built, `data` which scene variant (`scenes`, the default; `scenes_easy`, the quickstart's),
+`tasks` a `+`-joined subset of the four tasks trained with equal weights (e.g. `tasks=detection`
+for the first stage of staged training: the model is the same, so `--config.init_from` carries
+it to the next).
 Per-task training losses are logged as `loss/<task>` in WORKDIR/metrics.jsonl. The
 paper-scale COCO recipe is `configs/pix2seq_v2_multitask.py`.
 """
