@@ -34,3 +34,18 @@ def scenes_data_dir(tmp_path_factory) -> str:
     data_dir = str(tmp_path_factory.mktemp("scenes_data"))
     build_scenes(data_dir, num_workers=1, **SCENES_TEST_SIZES, **SCENES_TEST_SIDES)
     return data_dir
+
+
+# A tiny scene_textures dataset (configs/navit_textures.py's data), built once per test session.
+TEXTURES_TEST_OPTIONS = {"train_size": 24, "validation_size": 8, "heldout_size": 4,
+                         "min_side": 128, "max_side": 192}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def textures_data_dir(tmp_path_factory) -> str:
+    """TFDS data_dir holding dataset "scene_textures" (24 train / 8 validation / 4 heldout)."""
+    from navit_seq.data.build import build_scenes
+
+    data_dir = str(tmp_path_factory.mktemp("textures_data"))
+    build_scenes(data_dir, num_workers=1, variant="scene_textures", **TEXTURES_TEST_OPTIONS)
+    return data_dir

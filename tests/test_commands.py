@@ -216,8 +216,8 @@ def test_export_restores_cast_parameters_without_optimizer_state(trained, parsed
 
 
 @pytest.mark.parametrize(
-    "recipe", ["configs/quickstart.py", "configs/navit_shapes.py", "configs/navit_b16_pretrain.py",
-               "configs/pix2seq_v2_multitask.py"],
+    "recipe", ["configs/quickstart.py", "configs/navit_shapes.py", "configs/navit_textures.py",
+               "configs/navit_b16_pretrain.py", "configs/pix2seq_v2_multitask.py"],
 )  # fmt: skip
 def test_every_recipe_has_the_contract_fields_and_valid_mesh_rules(recipe):
     from navit_seq import sharding

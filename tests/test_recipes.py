@@ -1,6 +1,7 @@
 """The recipes load and their fields agree with each other (sizes, lengths, tasks); recipe
 arguments parse or fail naming the bad item."""
 
+import numpy as np
 import pytest
 
 from navit_seq import config_utils, pipeline
@@ -10,6 +11,7 @@ from navit_seq.tasks.sequence import sequence_tasks
 from navit_seq.train import sequence
 
 SCENES = "configs/pix2seq_scenes.py"
+TEXTURES = "configs/navit_textures.py"
 PAPER = "configs/pix2seq_v2_multitask.py"
 ALL_TASKS = {"detection", "segmentation", "keypoints", "captioning"}
 
@@ -71,7 +73,8 @@ def test_recipe_arguments_parse_and_a_malformed_one_is_an_error_naming_it():
 
 @pytest.mark.parametrize(
     ("recipe", "takes"),
-    [("quickstart", "steps"), ("navit_shapes", "steps"), ("contrastive", "steps, loss, data"),
+    [("quickstart", "steps"), ("navit_shapes", "steps"), ("navit_textures", "steps"),
+     ("contrastive", "steps, loss, data"),
      ("pix2seq_scenes", "steps, data_dir, tasks, data"), ("navit_b16_pretrain", "none"),
      ("pix2seq_v2_multitask", "none")],
 )  # fmt: skip
@@ -92,7 +95,7 @@ def test_scenes_recipe_trains_the_named_subset_of_tasks_with_equal_weights():
 
 
 def test_every_recipe_has_the_shared_loop_fields_and_steps_follow_the_argument():
-    for recipe in ("quickstart", "navit_shapes", "contrastive", "pix2seq_scenes"):
+    for recipe in ("quickstart", "navit_shapes", "navit_textures", "contrastive", "pix2seq_scenes"):
         config = config_utils.load_config_file(f"configs/{recipe}.py:steps=7")
         assert config.num_train_steps == 7
         assert config.seed == 0 and config.log_batch_fingerprint is False
@@ -102,3 +105,43 @@ def test_every_recipe_has_the_shared_loop_fields_and_steps_follow_the_argument()
 def test_scenes_recipe_reads_the_named_scene_variant():
     assert config_utils.load_config_file(SCENES).data.name == "scenes"
     assert config_utils.load_config_file(f"{SCENES}:data=scenes_easy").data.name == "scenes_easy"
+
+
+def test_textures_recipe_trains_where_its_quarter_test_side_is_seen_and_never_flips():
+    config = config_utils.load_config_file(TEXTURES)
+    data = config.data
+    assert (config.trainer, config.loss, data.name) == ("classification", "softmax_xent",
+                                                        "scene_textures")  # fmt: skip
+    assert (
+        data.resolution.min_side
+        <= data.eval_side // 4
+        < data.eval_side
+        <= (data.resolution.max_side)
+    )
+    assert data.resolution.max_side <= data.max_grid_side * data.patch_size
+    # A left-right flip turns rising stripes into falling ones: another class.
+    assert data.augment.flip_left_right == 0
+    pipeline.validate_data_config(data)
+
+
+def test_textures_recipe_trains_two_steps_and_evaluates_on_the_texture_scenes(
+    textures_data_dir, tmp_path
+):
+    import json
+
+    from navit_seq.train import classification, loop
+
+    config = config_utils.load_config_file(f"{TEXTURES}:steps=2")
+    config.data.data_dir = textures_data_dir
+    config.data.num_workers = 0
+    config.data.batch_size = 8  # one row per simulated device (tests/conftest.py)
+    config.log_every_steps = 1
+    config.eval_every_steps = config.checkpoint_every_steps = 2
+    loop.train_and_evaluate(config, tmp_path, classification.objective(config))
+    assert config.model.num_classes == 12  # from the dataset
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    (evaluation,) = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2] and evaluation["step"] == 2
+    assert all(np.isfinite(r["loss"]) for r in train + [evaluation])
+    assert 0 <= evaluation["precision_at_1"] <= 1

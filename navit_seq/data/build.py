@@ -38,7 +38,7 @@ SCENE_HELP = {
     "vocab_size": "SentencePiece vocabulary size (at most; small corpora give fewer)",
 }
 # The names of builders.scenes.VARIANTS, kept here so `--help` imports no TensorFlow.
-SCENE_VARIANTS = ("scenes", "scene_shapes", "scenes_easy")
+SCENE_VARIANTS = ("scenes", "scene_shapes", "scenes_easy", "scene_textures")
 PICTURES_PER_ROW = 4  # in the sample picture of `--show`
 
 
@@ -156,7 +156,9 @@ def _parser() -> argparse.ArgumentParser:
         default="scenes",
         help="scenes: 1-10 objects on textured backgrounds (every task); scene_shapes: one "
         "large object (shape classification); scenes_easy: 1-3 large objects on plain "
-        "backgrounds (the quickstart). The variant is also the dataset's name (data.name)",
+        "backgrounds (the quickstart); scene_textures: one large shape filled with one of 12 "
+        "fine or coarse textures, labelled by texture (texture classification). The variant is "
+        "also the dataset's name (data.name)",
     )
     coco = commands.add_parser(
         "coco", help="convert a local COCO-format folder", formatter_class=defaults_shown

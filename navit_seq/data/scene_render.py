@@ -10,12 +10,18 @@ Painter's order: objects later in the list are drawn on top. Masks, boxes and po
 describe the *visible* region of each object; an object whose visible region is smaller than
 `SceneSpec.min_visible_pixels` pixels or `min_visible_fraction` of its drawn area is removed
 from the annotations (it stays in the picture) and counted in `RenderedScene.num_hidden`.
+
+Two labellings (`SceneSpec.fill`): "colour" fills each object with one colour and labels it by
+its shape (CLASS_NAMES); "texture" fills each object, a shape from TEXTURE_SHAPES, with a
+two-tone periodic texture and labels it by the texture (TEXTURES): six fine and six coarse
+ones, periods tied to the image's longer side so a resized picture keeps its classes; the fine
+ones average away once the image is small.
 """
 
 import dataclasses
 import io
 import zlib
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import contourpy
 import numpy as np
@@ -45,6 +51,49 @@ JPEG_QUALITY = 95
 # Full-resolution colour (4:4:4): chroma subsampling smears the thin coloured limbs and stripes
 # (mean error 3.4 -> 1.2 grey levels, files 1.6x larger).
 JPEG_SUBSAMPLING = 0
+# Textures (SceneSpec.fill="texture"). A texture is the mean of cosine gratings of one period,
+# sharpened into a two-tone wave around `level` (and `negative`: light and dark swapped); its
+# spatial spectrum peaks at 1 / period across each grating's lines. Periods are per longer
+# image side (TEXTURE_SCALES): at 128 px a fine period is 4 px (a 16-px patch holds four) and a
+# coarse one 16 px; at 32 px the fine one is 1 px, which an antialiased resize averages to the
+# mean of the two tones, the same for every fine texture (all are symmetric waves, level 0):
+# the six fine classes collapse into one. No two classes share their line angles and polarity,
+# and each coarse stripe angle is 22.5 degrees from the nearest fine one, so the classes differ
+# by more than their period: a texture is still its class when the image is shown at another
+# size.
+TEXTURE_SCALES = {"fine": 32, "coarse": 8}
+
+
+class TextureClass(NamedTuple):
+    scale: str  # a TEXTURE_SCALES key
+    line_angles: tuple[float, ...]  # degrees, of each grating's lines, anticlockwise as seen
+    level: float = 0.0  # light where the gratings' mean (in [-1, 1]) is above this
+    negative: bool = False  # light and dark swapped
+
+
+# Captions and phrases name a texture by its class name with spaces ("fine rising stripes").
+TEXTURES = {
+    "fine_horizontal_stripes": TextureClass("fine", (0,)),
+    "fine_rising_stripes": TextureClass("fine", (45,)),
+    "fine_vertical_stripes": TextureClass("fine", (90,)),
+    "fine_falling_stripes": TextureClass("fine", (135,)),
+    "fine_checks": TextureClass("fine", (45, 135)),  # axis-aligned squares
+    "fine_diamonds": TextureClass("fine", (0, 90)),  # squares turned by 45 degrees
+    "coarse_shallow_rising_stripes": TextureClass("coarse", (22.5,)),
+    "coarse_steep_rising_stripes": TextureClass("coarse", (67.5,)),
+    "coarse_steep_falling_stripes": TextureClass("coarse", (112.5,)),
+    "coarse_shallow_falling_stripes": TextureClass("coarse", (157.5,)),
+    # Three gratings 60 degrees apart: a hexagonal lattice of dots covering about a quarter of
+    # the area, light on dark or dark on light.
+    "coarse_light_dots": TextureClass("coarse", (0, 60, 120), level=0.3),
+    "coarse_dark_dots": TextureClass("coarse", (0, 60, 120), level=0.3, negative=True),
+}
+TEXTURE_NAMES = tuple(TEXTURES)
+TEXTURE_PERIOD_JITTER = 0.1  # each texture's period is its scale's times U(0.9, 1.1)
+TEXTURE_SHARPNESS = 2.0  # the gratings' mean minus the level is scaled by this, then clipped
+TEXTURE_DARK = 0.35  # the dark tone is the object's colour times this; the light tone is it
+TEXTURE_SHAPES = ("circle", "ellipse", "square", "diamond", "pentagon", "hexagon")  # compact ones
+FILLS = ("colour", "texture")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten")  # fmt: skip
 
@@ -74,6 +123,9 @@ class SceneSpec:
     num_captions: int = 5
     backgrounds: tuple[str, ...] = BACKGROUNDS  # the kinds a scene draws its background from
     person_probability: float = PERSON_PROBABILITY  # the rest: the 11 shapes, equally likely
+    # "colour": one colour per object, labelled by shape; "texture": a textured shape from
+    # TEXTURE_SHAPES, labelled by texture (every texture equally likely; no persons).
+    fill: Literal["colour", "texture"] = "colour"
 
     def __post_init__(self):
         if not 8 <= self.min_side <= self.max_side:
@@ -100,8 +152,44 @@ class SceneSpec:
             raise ValueError(
                 f"SceneSpec.person_probability={self.person_probability} must be in [0, 1]."
             )
+        if self.fill not in FILLS:
+            raise ValueError(f"SceneSpec.fill={self.fill!r}: use one of {FILLS}.")
         if self.combos not in ("seen", "heldout"):
             raise ValueError(f"SceneSpec.combos={self.combos!r}: use 'seen' or 'heldout'.")
+
+
+def label_names(spec: SceneSpec) -> tuple[str, ...]:
+    """`objects/label` index -> class name of scenes drawn with `spec`."""
+    return TEXTURE_NAMES if spec.fill == "texture" else CLASS_NAMES
+
+
+def wave_vector(line_angle: float) -> np.ndarray:
+    """The unit (y, x) normal of lines at `line_angle` degrees (anticlockwise as seen, y down)."""
+    radians = np.deg2rad(line_angle)
+    return np.array([np.cos(radians), np.sin(radians)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Texture:
+    """A two-tone periodic fill of class `kind` (a TEXTURES value) at `period` pixels."""
+
+    kind: TextureClass
+    period: float  # pixels
+    # (y, x) pixels the pattern is shifted by. A shift, not a phase per grating: the phases of
+    # three gratings decide whether their sum has light dots or dark ones.
+    offset: tuple[float, float]
+
+    def values(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """[h, w] in [0, 1] (0 dark, 1 light) at continuous coordinates ys [h] x xs [w]."""
+        frequency = 2 * np.pi / self.period
+        ys, xs = ys - self.offset[0], xs - self.offset[1]
+        mean = np.zeros((len(ys), len(xs)))
+        for angle in self.kind.line_angles:
+            dy, dx = wave_vector(angle)
+            mean += np.cos(frequency * (dy * ys[:, None] + dx * xs[None, :]))
+        mean /= len(self.kind.line_angles)
+        wave = np.clip(TEXTURE_SHARPNESS * (mean - self.kind.level), -1.0, 1.0)
+        return 0.5 - 0.5 * wave if self.kind.negative else 0.5 + 0.5 * wave
 
 
 @dataclasses.dataclass
@@ -117,7 +205,9 @@ class _Object:
     size: float  # pixels: circumscribed diameter (height for a person)
     mask_drawer: Any  # callable(ImageDraw, offset_yx) drawing the shape with fill 1
     extent: tuple[float, float, float, float]  # (ymin, xmin, ymax, xmax) continuous pixels
+    name: str  # what captions and phrases call it: "circle", "circle with fine checks"
     keypoints: np.ndarray | None = None  # [17, 2] (y, x) continuous pixels, persons only
+    texture: Texture | None = None  # None: filled with its colour
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -150,7 +240,12 @@ def render_scene(
         owner[y0:y1, x0:x1][shape] = index
         shade = rng.integers(-20, 21)
         colour = np.clip(np.asarray(COLOURS[COLOUR_NAMES[obj.colour]]) + shade, 0, 255)
-        image[y0:y1, x0:x1][shape] = colour.astype(np.uint8)
+        if obj.texture is None:
+            image[y0:y1, x0:x1][shape] = colour.astype(np.uint8)
+        else:
+            light = obj.texture.values(np.arange(y0, y1) + 0.5, np.arange(x0, x1) + 0.5)
+            tone = TEXTURE_DARK + (1 - TEXTURE_DARK) * light[shape][:, None]  # [n, 1]
+            image[y0:y1, x0:x1][shape] = np.rint(colour * tone).astype(np.uint8)
 
     annotations = []
     num_hidden = 0
@@ -231,24 +326,58 @@ def _background(
 
 
 def _sample_object(rng: np.random.Generator, spec: SceneSpec, height: int, width: int) -> _Object:
+    if spec.fill == "texture":
+        return _sample_textured_object(rng, spec, height, width)
     if rng.uniform() < spec.person_probability:
         label = 0
     else:
         label = int(rng.integers(1, len(CLASS_NAMES)))
-    if spec.combos == "heldout":
-        colour = heldout_colour(label)
-    else:
-        seen = [c for c in range(len(COLOUR_NAMES)) if c != heldout_colour(label)]
-        colour = seen[rng.integers(len(seen))]
-    short = min(height, width)
-    size = max(8.0, short * rng.uniform(spec.min_object_fraction, spec.max_object_fraction))
+    colour = _sample_colour(rng, spec, label)
+    size = _sample_size(rng, spec, height, width)
     if label == 0:
         size *= 1.6  # a figure is tall and thin: scale its height up to a comparable area
         return _person(rng, label, colour, size, height, width)
+    centre_y, centre_x = _sample_centre(rng, size, height, width)
+    return _shape(rng, label, colour, size, centre_y, centre_x, CLASS_NAMES[label])
+
+
+def _sample_textured_object(
+    rng: np.random.Generator, spec: SceneSpec, height: int, width: int
+) -> _Object:
+    """A shape from TEXTURE_SHAPES filled with a texture, labelled by the texture."""
+    label = int(rng.integers(len(TEXTURE_NAMES)))
+    colour = _sample_colour(rng, spec, label)
+    kind = TEXTURES[TEXTURE_NAMES[label]]
+    period = max(height, width) / TEXTURE_SCALES[kind.scale]
+    period *= rng.uniform(1 - TEXTURE_PERIOD_JITTER, 1 + TEXTURE_PERIOD_JITTER)
+    offset = rng.uniform(0, 2 * period, size=2)  # two periods each way: every phase of each wave
+    texture = Texture(kind=kind, period=period, offset=(float(offset[0]), float(offset[1])))
+    shape = TEXTURE_SHAPES[rng.integers(len(TEXTURE_SHAPES))]
+    size = _sample_size(rng, spec, height, width)
+    centre_y, centre_x = _sample_centre(rng, size, height, width)
+    drawn = _shape(rng, label, colour, size, centre_y, centre_x, shape)
+    words = TEXTURE_NAMES[label].replace("_", " ")
+    return dataclasses.replace(drawn, name=f"{shape} with {words}", texture=texture)
+
+
+def _sample_colour(rng: np.random.Generator, spec: SceneSpec, label: int) -> int:
+    if spec.combos == "heldout":
+        return heldout_colour(label)
+    seen = [c for c in range(len(COLOUR_NAMES)) if c != heldout_colour(label)]
+    return seen[rng.integers(len(seen))]
+
+
+def _sample_size(rng: np.random.Generator, spec: SceneSpec, height: int, width: int) -> float:
+    short = min(height, width)
+    return max(8.0, short * rng.uniform(spec.min_object_fraction, spec.max_object_fraction))
+
+
+def _sample_centre(rng, size: float, height: int, width: int) -> tuple[float, float]:
+    """A centre that keeps the shape's circumscribed circle inside the image where it fits."""
     radius = size / 2
     centre_y = rng.uniform(radius, max(radius, height - radius))
     centre_x = rng.uniform(radius, max(radius, width - radius))
-    return _shape(rng, label, colour, size, centre_y, centre_x)
+    return centre_y, centre_x
 
 
 def _regular_polygon(n: int, radius: float, angle: float, start: float = 0.0) -> np.ndarray:
@@ -299,9 +428,10 @@ def _to_pil(points_yx: np.ndarray, offset_yx: tuple[int, int]) -> list[tuple[flo
     return [(float(x), float(y)) for y, x in shifted]
 
 
-def _shape(rng, label, colour, size, centre_y, centre_x) -> _Object:
+def _shape(rng, label, colour, size, centre_y, centre_x, shape: str) -> _Object:
+    """The shape named `shape` (a CLASS_NAMES entry other than person) with label `label`."""
     radius = size / 2
-    outer, hole = _shape_outlines(CLASS_NAMES[label], radius, rng.uniform(0, 2 * np.pi), rng)
+    outer, hole = _shape_outlines(shape, radius, rng.uniform(0, 2 * np.pi), rng)
     outer = outer + [centre_y, centre_x]
     hole = None if hole is None else hole + [centre_y, centre_x]
 
@@ -311,7 +441,7 @@ def _shape(rng, label, colour, size, centre_y, centre_x) -> _Object:
             canvas.polygon(_to_pil(hole, offset_yx), fill=0)
 
     extent = (*outer.min(0), *outer.max(0))
-    return _Object(label, colour, size, draw, extent)
+    return _Object(label, colour, size, draw, extent, name=shape)
 
 
 # A front-facing stick figure in units of its height, origin at the hip centre, (y, x) with y
@@ -380,7 +510,7 @@ def _person(rng, label, colour, height_px, image_height, image_width) -> _Object
 
     outline = np.concatenate([keypoints, head[None] - head_radius, head[None] + head_radius])
     extent = (*(outline.min(0) - half_width - 1), *(outline.max(0) + half_width + 1))
-    return _Object(label, colour, height_px, draw, extent, keypoints=keypoints)
+    return _Object(label, colour, height_px, draw, extent, name="person", keypoints=keypoints)
 
 
 def _pixel_window(extent, height: int, width: int) -> tuple[int, int, int, int]:
@@ -417,6 +547,7 @@ def _annotate(obj: _Object, index: int, visible: np.ndarray, offset_yx, owner) -
                 keypoints[k] = (y, x, 2 if seen_owner == index else 1)
     return {
         "label": obj.label,
+        "name": obj.name,
         "colour": obj.colour,
         "size": obj.size / min(height, width),
         "box": box,
@@ -513,8 +644,16 @@ def _simplify_ring(ring: np.ndarray, tolerance: float) -> np.ndarray:
 
 
 def noun(label: int, count: int = 1) -> str:
-    name = CLASS_NAMES[label]
-    return name if count == 1 else PLURALS.get(name, name + "s")
+    """The shape class `label` named for `count` of them: 'circle', 'people'."""
+    return _noun(CLASS_NAMES[label], count)
+
+
+def _noun(name: str, count: int) -> str:
+    """`name` for `count` objects; the first word takes the plural ('circles with fine checks')."""
+    if count == 1:
+        return name
+    head, space, rest = name.partition(" ")
+    return PLURALS.get(head, head + "s") + space + rest
 
 
 def _amount(count: int, next_word: str) -> str:
@@ -524,16 +663,16 @@ def _amount(count: int, next_word: str) -> str:
     return NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else str(count)
 
 
-def _described(label: int, colour: int, count: int) -> str:
-    """'a red circle', 'three people in blue'."""
-    if label == 0:
-        return f"{_amount(count, 'person')} {noun(label, count)} in {COLOUR_NAMES[colour]}"
-    return f"{_amount(count, COLOUR_NAMES[colour])} {COLOUR_NAMES[colour]} {noun(label, count)}"
+def _described(name: str, colour: int, count: int) -> str:
+    """'a red circle', 'three people in blue', 'a red circle with fine checks'."""
+    if name == "person":
+        return f"{_amount(count, name)} {_noun(name, count)} in {COLOUR_NAMES[colour]}"
+    return f"{_amount(count, COLOUR_NAMES[colour])} {COLOUR_NAMES[colour]} {_noun(name, count)}"
 
 
-def _counted(label: int, count: int) -> str:
+def _counted(name: str, count: int) -> str:
     """'a circle', 'two crosses'."""
-    return f"{_amount(count, CLASS_NAMES[label])} {noun(label, count)}"
+    return f"{_amount(count, name)} {_noun(name, count)}"
 
 
 def _join(parts: list[str]) -> str:
@@ -541,13 +680,14 @@ def _join(parts: list[str]) -> str:
 
 
 def _phrase(annotation: dict) -> str:
-    """A noun phrase naming one object, e.g. 'the small red star', 'the person in blue'."""
+    """A noun phrase naming one object, e.g. 'the small red star', 'the person in blue',
+    'the large red circle with fine checks'."""
     size = annotation["size"]
     size_word = "small " if size < 0.2 else "large " if size > 0.38 else ""
-    label, colour = annotation["label"], COLOUR_NAMES[annotation["colour"]]
-    if label == 0:
+    name, colour = annotation["name"], COLOUR_NAMES[annotation["colour"]]
+    if name == "person":
         return f"the {size_word}person in {colour}"
-    return f"the {size_word}{colour} {CLASS_NAMES[label]}"
+    return f"the {size_word}{colour} {name}"
 
 
 _TEMPLATES = (
@@ -562,17 +702,17 @@ _TEMPLATES = (
 
 
 def _captions(rng: np.random.Generator, annotations: list[dict], background: str, count: int):
-    """`count` captions, each naming every object class present, in varied wording."""
-    by_colour: dict[tuple[int, int], int] = {}
-    by_label: dict[int, int] = {}
+    """`count` captions, each naming every kind of object present, in varied wording."""
+    by_colour: dict[tuple[str, int], int] = {}
+    by_name: dict[str, int] = {}
     for a in annotations:
-        by_colour[a["label"], a["colour"]] = by_colour.get((a["label"], a["colour"]), 0) + 1
-        by_label[a["label"]] = by_label.get(a["label"], 0) + 1
+        by_colour[a["name"], a["colour"]] = by_colour.get((a["name"], a["colour"]), 0) + 1
+        by_name[a["name"]] = by_name.get(a["name"], 0) + 1
     captions = []
     templates = rng.permutation(len(_TEMPLATES))[:count]
     for template in templates:
-        coloured = [_described(label, c, n) for (label, c), n in by_colour.items()]
-        plain = [_counted(label, n) for label, n in by_label.items()]
+        coloured = [_described(name, c, n) for (name, c), n in by_colour.items()]
+        plain = [_counted(name, n) for name, n in by_name.items()]
         coloured = [coloured[i] for i in rng.permutation(len(coloured))]
         plain = [plain[i] for i in rng.permutation(len(plain))]
         n = len(annotations)

@@ -206,3 +206,31 @@ def test_variants_build_under_their_own_name_with_the_scenes_they_promise(tmp_pa
     assert scenes.read_report(easy_dir)["scene_spec"]["backgrounds"] == ["plain"]
     with pytest.raises(ValueError, match="variant='scene_shape'"):
         build.build_scenes(tmp_path, variant="scene_shape")
+
+
+def test_texture_variant_names_its_classes_by_texture_and_every_task_reads_it(textures_data_dir):
+    from navit_seq import pipeline
+
+    names = list(scene_render.TEXTURE_NAMES)
+    assert sources.class_names("scene_textures", textures_data_dir) == names
+    report = scenes.read_report(sources.dataset_dir("scene_textures", textures_data_dir))
+    assert report["scene_spec"]["fill"] == "texture" and report["class_names"] == names
+    assert len(report["heldout_combinations"]) == len(names)
+    for split in ("train", "heldout"):
+        for example in sources.data_source("scene_textures", split, textures_data_dir):
+            (label,) = example["objects"]["label"]
+            (phrase,) = example["objects"]["phrase"]
+            assert phrase.endswith(names[label].replace("_", " "))
+            colour = scene_render.COLOUR_NAMES.index(phrase.split()[2])  # "the large red ..."
+            assert (colour == scene_render.heldout_colour(label)) == (split == "heldout")
+    validation = sources.data_source("scene_textures", "validation", textures_data_dir)
+    config = pipeline.default_data_config()
+    config.update(name="scene_textures", data_dir=textures_data_dir, patch_size=16, seq_len=256)
+    config.update(batch_size=4, num_workers=0, eval_max_tokens=64, max_rows_per_seq=8)
+    config.tasks = tuple((name, 1.0) for name in ("detection", "segmentation", "keypoints",
+                                                  "captioning"))  # fmt: skip
+    config.task = {"name": "detection", "seq_len": 48, "max_instances": 4}
+    iterator = iter(pipeline.make_dataset(validation, config, train=False))
+    task_ids = {int(t) for b in iterator for t in b["task_id"][b["example_valid"]]}
+    assert task_ids == {1, 2, 4}  # detection, segmentation, captioning: no persons, no keypoints
+    assert iterator.stats["keypoints/no_instances"] == len(validation)

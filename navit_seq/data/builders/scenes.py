@@ -1,6 +1,6 @@
 """The bundled scene dataset: a TFDS builder (ArrayRecord) drawing scenes locally, no download.
 
-Splits: `train`, `validation` (seen colour-shape combinations) and `heldout` (only the
+Splits: `train`, `validation` (seen colour-class combinations) and `heldout` (only the
 combinations train never shows, `scene_render.heldout_colour`). Example i of split s is drawn
 from its own RNG seeded by (seed, s, i), so any subset can be regenerated identically and
 worker processes need no coordination. After the splits are written, the builder trains a
@@ -79,7 +79,7 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=example_features(scene_render.CLASS_NAMES, image_encoding="jpeg"),
+            features=example_features(scene_render.label_names(self.spec), image_encoding="jpeg"),
         )
 
     def generation_parameters(self) -> dict[str, Any]:
@@ -147,10 +147,10 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
         )
         report = {
             **self.generation_parameters(),
-            "class_names": list(scene_render.CLASS_NAMES),
+            "class_names": list(scene_render.label_names(self.spec)),
             "heldout_combinations": [
                 f"{scene_render.COLOUR_NAMES[scene_render.heldout_colour(label)]} {name}"
-                for label, name in enumerate(scene_render.CLASS_NAMES)
+                for label, name in enumerate(scene_render.label_names(self.spec))
             ],
             "objects": dict(self._object_counts),
             # Objects drawn but left out of the annotations: visible area under
@@ -192,8 +192,32 @@ class ScenesEasy(Scenes):
     }
 
 
+class SceneTextures(Scenes):
+    """One large shape per image on a plain background, filled with one of 12 textures and
+    labelled by it (scene_render.TEXTURES, every one equally likely): texture classification,
+    where resolution matters. Six fine textures (stripes at 0/45/90/135 degrees, checks,
+    diamonds; period 1/32 of the longer side: 4 px at 128 px, 1 px at 32 px, where they average
+    to one colour) and six coarse ones (stripes at 22.5/67.5/112.5/157.5 degrees, light and
+    dark dots; period 1/8), no two alike but for their period."""
+
+    SPEC = {
+        "fill": "texture",
+        "max_aspect_ratio": 1.5,
+        "min_objects": 1,
+        "max_objects": 1,
+        "min_object_fraction": 0.6,  # mostly texture: a compact shape over most of the picture
+        "max_object_fraction": 0.95,
+        "backgrounds": ("plain",),  # a textured background would be another texture
+    }
+
+
 # Dataset name (`config.data.name`) -> builder; `python -m navit_seq.data.build scenes --variant`.
-VARIANTS = {"scenes": Scenes, "scene_shapes": SceneShapes, "scenes_easy": ScenesEasy}
+VARIANTS = {
+    "scenes": Scenes,
+    "scene_shapes": SceneShapes,
+    "scenes_easy": ScenesEasy,
+    "scene_textures": SceneTextures,
+}
 
 
 def read_report(dataset_dir: str | os.PathLike) -> dict[str, Any]:
