@@ -83,6 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Detection: largest object first. Pix2Seq keeps random order for long training; in a
         # CPU budget one right answer per position trains faster (README, detection table).
         object_order="area",
+        # Token ids: coordinates right after the 12 classes, not from 1000 as in Pix2Seq
+        # (tasks/vocab.py): 263 logits per decoder token instead of 1151.
+        vocab_layout="compact",
     )
 
     config.model = default_pix2seq_config()

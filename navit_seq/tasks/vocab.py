@@ -12,7 +12,10 @@ Layout (Chen et al. 2022, "A Unified Sequence Interface for Vision Tasks", refer
     text_offset + t    SentencePiece id t in [0, text_vocab_size)
 
 `coord_offset` is 1000 as in the reference when the classes fit below it (num_classes <= 900),
-else it follows the last class; `text_offset = coord_offset + num_bins`. A coordinate is a
+else it follows the last class; with `layout="compact"` it always follows the last class, so a
+dataset of a few classes has no ~900 ids that no row ever uses (every decoder step computes
+and normalises a logit per id: on the scenes, V = 1151 -> 263 and a 15% shorter training step,
+README). `text_offset = coord_offset + num_bins`. A coordinate is a
 (y, x) value normalized per axis by the true height and width of the image (or crop) it lives
 in, so it keeps its meaning at the image's native aspect ratio; q = round(c * (num_bins - 1)).
 
@@ -28,6 +31,7 @@ import numpy as np
 
 PAD = 0
 END = PAD  # as in the reference code: the model stops at its first PAD
+LAYOUTS = ("reference", "compact")  # coordinates at 1000 (Pix2Seq) / right after the classes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Vocab:
     num_classes: int
     num_bins: int = 1000
     text_vocab_size: int = 0
+    layout: str = "reference"  # LAYOUTS
 
     DETECTION_PROMPT: ClassVar[int] = 10
     SEGMENTATION_PROMPT: ClassVar[int] = 11
@@ -55,6 +60,8 @@ class Vocab:
             raise ValueError(
                 f"Vocab num_bins={self.num_bins}: need >= 2 coordinate bins (1000 in Pix2Seq)."
             )
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"Vocab layout={self.layout!r}: choose one of {LAYOUTS}.")
         if self.text_vocab_size < 0:
             raise ValueError(
                 f"Vocab text_vocab_size={self.text_vocab_size}: must be >= 0 (0 = no text)."
@@ -62,7 +69,10 @@ class Vocab:
 
     @property
     def coord_offset(self) -> int:
-        return max(self.REFERENCE_COORD_OFFSET, self.CLASS_OFFSET + self.num_classes)
+        after_classes = self.CLASS_OFFSET + self.num_classes
+        if self.layout == "compact":
+            return after_classes
+        return max(self.REFERENCE_COORD_OFFSET, after_classes)
 
     @property
     def text_offset(self) -> int:

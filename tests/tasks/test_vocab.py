@@ -38,9 +38,24 @@ def test_offsets_move_past_the_classes_when_there_are_more_than_900():
     assert (vocab.coord_offset, vocab.text_offset, vocab.size) == (1303, 1803, 1813)
 
 
+def test_compact_layout_puts_coordinates_right_after_the_classes():
+    vocab = Vocab(num_classes=12, num_bins=64, text_vocab_size=87, layout="compact")
+    assert (vocab.coord_offset, vocab.text_offset, vocab.size) == (112, 176, 263)
+    np.testing.assert_array_equal(vocab.class_tokens([0, 11]), [100, 111])
+    np.testing.assert_array_equal(vocab.coord_tokens([0.0, 1.0]), [112, 175])
+    np.testing.assert_allclose(vocab.token_coords(vocab.coord_tokens([0.0, 0.5, 1.0])),
+                               [0.0, 32 / 63, 1.0])  # fmt: skip
+
+
+def test_unknown_layout_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="layout='dense'.*reference"):
+        Vocab(num_classes=3, layout="dense")
+
+
+@pytest.mark.parametrize("layout", ["reference", "compact"])
 @pytest.mark.parametrize("num_classes", [5, 1203])
-def test_token_kinds_are_disjoint_and_specials_are_none_of_them(num_classes):
-    vocab = Vocab(num_classes=num_classes, num_bins=300, text_vocab_size=50)
+def test_token_kinds_are_disjoint_and_specials_are_none_of_them(num_classes, layout):
+    vocab = Vocab(num_classes=num_classes, num_bins=300, text_vocab_size=50, layout=layout)
     ids = np.arange(vocab.size)
     kinds = np.stack([vocab.is_class(ids), vocab.is_coord(ids), vocab.is_text(ids)])
     assert kinds.sum(axis=0).max() == 1
