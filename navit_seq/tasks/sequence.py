@@ -8,8 +8,8 @@ Codec stats are prefixed with the task name ("keypoints/no_keypoints") so severa
 summed into one set of packer counters.
 
 Config (`data.task`, shared by every sequence task of a run): `seq_len` (T), `num_classes`
-(0: the dataset's), `num_bins`, `text_vocab_size` (0: the tokenizer's when one is found), `vocab_layout`
-("reference": coordinates from id 1000 as Pix2Seq; "compact": right after the classes),
+(0: the dataset's), `num_bins`, `text_vocab_size` (0: the tokenizer's when one is found),
+`vocab_layout` ("reference": coordinates from id 1000 as Pix2Seq; "compact": after the classes),
 `tokenizer` (a SentencePiece .model path; "": the dataset's `sentencepiece.model`), any codec
 field (`max_instances`, `end_weight`, ...), and per-task overrides in a sub-dict named after the
 task (`data.task.keypoints.max_instances = 20`). `dataset` and `data_dir` are filled in by the
