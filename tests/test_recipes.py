@@ -7,7 +7,9 @@ import pytest
 from navit_seq import config_utils, pipeline
 from navit_seq.data import mixing
 from navit_seq.models import decoder
+from navit_seq.tasks.detection import DetectionTask
 from navit_seq.tasks.sequence import sequence_tasks
+from navit_seq.tasks.vocab import Vocab
 from navit_seq.train import sequence
 
 SCENES = "configs/pix2seq_scenes.py"
@@ -145,3 +147,23 @@ def test_textures_recipe_trains_two_steps_and_evaluates_on_the_texture_scenes(
     assert [r["step"] for r in train] == [1, 2] and evaluation["step"] == 2
     assert all(np.isfinite(r["loss"]) for r in train + [evaluation])
     assert 0 <= evaluation["precision_at_1"] <= 1
+
+
+def test_scenes_detection_alone_on_the_easy_scenes_uses_rows_that_hold_its_objects_twice():
+    import runpy
+
+    from navit_seq.data import scene_render
+    from navit_seq.data.builders import scenes
+
+    most_objects = runpy.run_path(SCENES)["MOST_OBJECTS"]
+    for variant, count in most_objects.items():  # the recipe's table follows the builders
+        assert scene_render.SceneSpec(**scenes.VARIANTS[variant].SPEC).max_objects == count
+    easy = config_utils.load_config_file(f"{SCENES}:data=scenes_easy,tasks=detection")
+    detection = DetectionTask(Vocab(num_classes=12), seq_len=easy.data.task.seq_len)
+    assert easy.data.task.seq_len == 32
+    assert detection.capacity == 2 * most_objects["scenes_easy"]  # objects + as many noise
+    all_tasks = config_utils.load_config_file(f"{SCENES}:data=scenes_easy")
+    assert all_tasks.data.task.seq_len == 64  # keypoint rows need 40 tokens
+    assert easy.model.to_dict() == all_tasks.model.to_dict()  # init_from carries it over
+    full_scenes = config_utils.load_config_file(f"{SCENES}:tasks=detection")
+    assert full_scenes.data.task.seq_len == 64  # 10 objects + noise do not fit in fewer

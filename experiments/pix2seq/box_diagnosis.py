@@ -5,16 +5,19 @@
         --config.evaluation.num_images=100
 
 Restores DIR's latest checkpoint, predicts the first `evaluation.num_images` evaluation images
-and, over their ground-truth objects, reports: the mean best IoU of any predicted box
-(class-agnostic) and the share above 0.5, the class accuracy of that best box, the IoU of the
-top-scored box, and the first generated box against the largest object (the recipe's
-largest-first order). Prints one JSON line last.
+and reports, over their ground-truth objects: the mean best IoU of any predicted box
+(class-agnostic) and the share above 0.5 (recall at IoU 0.5 whatever the class), and how often
+that best box has the object's class; per image, the top-scored box against the largest object
+(the first one in the recipe's largest-first order): IoU, share above 0.5 and class. An image
+without predictions counts as a miss for each of its objects; images without objects are
+counted (`images_without_objects`) and left out. Prints one JSON line last.
 """
 
 import json
 import os
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,18 +31,56 @@ from navit_seq.train import checkpoint as checkpoint_lib
 from navit_seq.train import loop
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU [N, M] of boxes a [N, 4] and b [M, 4], (ymin, xmin, ymax, xmax)."""
-    y0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    x0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    y1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    x1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(y1 - y0, 0, None) * np.clip(x1 - x0, 0, None)
-    return inter / (area(a)[:, None] + area(b)[None] - inter + 1e-9)
+def box_iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU [N, M] of boxes [N, 4] and others [M, 4], both (ymin, xmin, ymax, xmax) normalized
+    (pycocotools' box IoU, the one COCO AP uses)."""
+
+    def xywh(b):
+        return np.stack([b[:, 1], b[:, 0], b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]], axis=1)
+
+    if not len(boxes) or not len(others):
+        return np.zeros((len(boxes), len(others)))
+    crowd = np.zeros(len(others), np.uint8)
+    return np.asarray(mask_utils.iou(xywh(boxes).astype(np.float64),
+                                     xywh(others).astype(np.float64), crowd))  # fmt: skip
 
 
-def area(boxes: np.ndarray) -> np.ndarray:
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+def image_outcomes(gt_boxes, gt_labels, boxes, labels, scores) -> dict[str, list]:
+    """One image's entries: per object its best IoU and whether that box has its class; the
+    top-scored box's IoU with the largest object and whether it has that object's class."""
+    gt_boxes, boxes = np.asarray(gt_boxes).reshape(-1, 4), np.asarray(boxes).reshape(-1, 4)
+    gt_labels, labels = np.asarray(gt_labels).reshape(-1), np.asarray(labels).reshape(-1)
+    if not len(boxes):
+        misses = [0.0] * len(gt_boxes)
+        return {"best_iou": misses, "best_class": [False] * len(gt_boxes),
+                "top_iou": [0.0], "top_class": [False]}  # fmt: skip
+    ious = box_iou(gt_boxes, boxes)  # [N objects, M predictions]
+    best = ious.argmax(axis=1)
+    largest = int(np.argmax((gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])))
+    top = int(np.argmax(scores))
+    return {
+        "best_iou": ious.max(axis=1).tolist(),
+        "best_class": (labels[best] == gt_labels).tolist(),
+        "top_iou": [float(ious[largest, top])],
+        "top_class": [bool(labels[top] == gt_labels[largest])],
+    }
+
+
+def summarize(outcomes: list[dict[str, list]], images_without_objects: int) -> dict[str, float]:
+    joined = {
+        key: np.asarray(sum((o[key] for o in outcomes), []), np.float64) for key in outcomes[0]
+    }
+    return {
+        "objects": len(joined["best_iou"]),
+        "images": len(outcomes),
+        "images_without_objects": images_without_objects,
+        "best_iou_mean": float(joined["best_iou"].mean()),
+        "recall_iou50_any_class": float((joined["best_iou"] > 0.5).mean()),
+        "class_accuracy_of_best_box": float(joined["best_class"].mean()),
+        "top_box_vs_largest_iou_mean": float(joined["top_iou"].mean()),
+        "top_box_vs_largest_iou50": float((joined["top_iou"] > 0.5).mean()),
+        "top_box_class_accuracy": float(joined["top_class"].mean()),
+    }
 
 
 def main(argv):
@@ -47,43 +88,34 @@ def main(argv):
     cpu_runtime.prepare_process_for_training()
     objective = main_lib.objective_for(config)
     trainer = loop.Trainer(config, objective)
-    ck = checkpoint_lib.Checkpointer(epath.Path(flags.FLAGS.workdir) / "checkpoints", every_steps=0)
-    step, state = ck.restore_state(None, trainer.abstract_state)
-    ck.close()
+    checkpoints = epath.Path(flags.FLAGS.workdir) / "checkpoints"
+    checkpointer = checkpoint_lib.Checkpointer(checkpoints, every_steps=0)
+    try:
+        step, state = checkpointer.restore_state(None, trainer.abstract_state)
+    finally:
+        checkpointer.close()
     model = nnx.merge(trainer.graphdef, state.params, state.model_state)
     examples = inference.evaluation_examples(config)
     with trainer.context():
-        preds = inference.Predictor(config, model).predict(examples)
-    best, top1, cls_ok, first_ok = [], [], [], []
-    for e, p in zip(examples, preds, strict=True):
-        gt = np.asarray(e["objects"]["bbox"]).reshape(-1, 4)
-        gl = np.asarray(e["objects"]["label"])
-        if not len(gt) or not len(p["boxes"]):
+        predictions = inference.Predictor(config, model).predict(examples)
+    outcomes, without_objects = [], 0
+    for example, prediction in zip(examples, predictions, strict=True):
+        objects = example["objects"]
+        if not len(np.asarray(objects["label"]).reshape(-1)):
+            without_objects += 1
             continue
-        m = iou(gt, np.asarray(p["boxes"]))
-        best += list(m.max(1))
-        j = m.argmax(1)
-        cls_ok += list(np.asarray(p["labels"])[j] == gl)
-        k = int(np.argmax(p["scores"]))
-        top1.append(m[:, k].max())
-        # first generated group vs largest GT
-        g = int(np.argmax(area(gt)))
-        first_ok.append((m[g, 0], p["labels"][0] == gl[g]))
-    best = np.array(best)
-    top1 = np.array(top1)
-    fo = np.array(first_ok)
-    out = dict(
-        step=step,
-        gt=len(best),
-        best_iou_mean=float(best.mean()),
-        recall50_any=float((best > 0.5).mean()),
-        class_acc_of_best=float(np.mean(cls_ok)),
-        top1_iou_mean=float(top1.mean()),
-        first_group_vs_largest_iou=float(fo[:, 0].mean()),
-        first_group_iou50=float((fo[:, 0] > 0.5).mean()),
-        first_group_class_acc=float(fo[:, 1].mean()),
-    )
-    print(json.dumps(out))
+        outcomes.append(
+            image_outcomes(
+                objects["bbox"],
+                objects["label"],
+                prediction["boxes"],
+                prediction["labels"],
+                prediction["scores"],
+            )  # fmt: skip
+        )
+    if not outcomes:
+        raise SystemExit("box_diagnosis: no evaluation image has objects; nothing to diagnose.")
+    print(json.dumps({"step": step, **summarize(outcomes, without_objects)}))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Layout (Chen et al. 2022, "A Unified Sequence Interface for Vision Tasks", refer
 `coord_offset` is 1000 as in the reference when the classes fit below it (num_classes <= 900),
 else it follows the last class; with `layout="compact"` it always follows the last class, so a
 dataset of a few classes has no ~900 ids that no row ever uses (every decoder step computes
-and normalises a logit per id: on the scenes, V = 1151 -> 263 and a 15% shorter training step,
+and normalises a logit per id: on the scenes, V = 1151 -> 263 and a ~20% shorter training step,
 README). `text_offset = coord_offset + num_bins`. A coordinate is a
 (y, x) value normalized per axis by the true height and width of the image (or crop) it lives
 in, so it keeps its meaning at the image's native aspect ratio; q = round(c * (num_bins - 1)).
@@ -61,7 +61,10 @@ class Vocab:
                 f"Vocab num_bins={self.num_bins}: need >= 2 coordinate bins (1000 in Pix2Seq)."
             )
         if self.layout not in LAYOUTS:
-            raise ValueError(f"Vocab layout={self.layout!r}: choose one of {LAYOUTS}.")
+            raise ValueError(
+                f"Vocab layout={self.layout!r} (config: data.task.vocab_layout): choose one "
+                f"of {LAYOUTS}."
+            )
         if self.text_vocab_size < 0:
             raise ValueError(
                 f"Vocab text_vocab_size={self.text_vocab_size}: must be >= 0 (0 = no text)."
