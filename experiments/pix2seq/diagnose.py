@@ -6,8 +6,9 @@
 
 After `num_train_steps` steps (no checkpoints; or, with --workdir, from DIR's latest
 checkpoint without training) it measures, on the evaluation split:
-- the teacher-forced token loss with the real images and with every patch set to mid-grey
-  (positions, sizes and packing kept): equal losses mean the decoder ignores the pixels;
+- the teacher-forced token loss with the real images, with every patch set to mid-grey and with
+  each packed row's pixels taken from the next row (positions, sizes and packing kept; the
+  shuffled pixels belong to other images): equal losses mean the decoder ignores the pixels;
 - for detection rows, the same two losses per object slot and field (ymin, xmin, ymax, xmax,
   class of the 1st, 2nd, ... object): which parts of a box the model reads from the image;
 - the gradient norm reaching each part (encoder, memory, decoder) on one train batch;
@@ -42,6 +43,11 @@ SLOTS = 3  # first objects of a row broken down per field
 
 def grey_patches(batch: dict) -> dict:
     return {**batch, "patches": np.full_like(batch["patches"], MID_GREY)}
+
+
+def shuffled_patches(batch: dict) -> dict:
+    """Row b's patches replaced by row b-1's: real pixels that belong to other images."""
+    return {**batch, "patches": np.roll(batch["patches"], 1, axis=0)}
 
 
 def _eval_loss(trainer, state, batches, transform) -> dict[str, float]:
@@ -149,6 +155,7 @@ def diagnose(config, eval_batches: int, ap_images: int, workdir: str = "") -> di
     batches = first_eval_batches(objective, eval_batches)
     result["eval_loss_real_images"] = _eval_loss(trainer, state, batches, lambda b: b)
     result["eval_loss_grey_images"] = _eval_loss(trainer, state, batches, grey_patches)
+    result["eval_loss_shuffled_images"] = _eval_loss(trainer, state, batches, shuffled_patches)
     ids = sequence.task_ids(config)
     if "detection" in ids:
         real = field_losses(trainer, state, batches, lambda b: b, ids["detection"])

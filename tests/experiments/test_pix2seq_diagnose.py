@@ -20,6 +20,8 @@ def test_diagnose_reports_real_and_grey_losses_gradients_and_ap(scenes_data_dir)
     real, grey = result["eval_loss_real_images"], result["eval_loss_grey_images"]
     assert set(real) == set(grey) and "loss/detection" in real
     assert real["loss"] != grey["loss"]  # the grey control changed the images it was given
+    shuffled = result["eval_loss_shuffled_images"]
+    assert set(shuffled) == set(real) and real["loss"] != shuffled["loss"]
     fields = result["detection_field_loss_real_vs_grey"]
     assert "obj1/ymin" in fields and "obj1/class" in fields
     assert all(np.isfinite(real) and np.isfinite(grey) for real, grey in fields.values())
