@@ -141,12 +141,86 @@ def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     return builder
 
 
+def _read_only(example: dict[str, Any]) -> dict[str, Any]:
+    """The example with every array made read-only (in place): an in-place write downstream
+    raises instead of changing what later epochs read."""
+    for value in example.values():
+        if isinstance(value, dict):
+            _read_only(value)
+        elif isinstance(value, np.ndarray):
+            value.flags.writeable = False
+    return example
+
+
+def _fresh_dicts(example: dict[str, Any]) -> dict[str, Any]:
+    """New dicts around the same (read-only) arrays: callers may add or replace keys."""
+    return {k: _fresh_dicts(v) if isinstance(v, dict) else v for k, v in example.items()}
+
+
+def _nbytes(example: dict[str, Any]) -> int:
+    total = 0
+    for value in example.values():
+        if isinstance(value, dict):
+            total += _nbytes(value)
+        elif isinstance(value, np.ndarray):
+            total += value.nbytes + sum(len(v) for v in value.ravel() if isinstance(v, bytes | str))
+        else:
+            total += len(value) if isinstance(value, bytes | str) else 8
+    return total
+
+
+class CachedSource:
+    """A source that keeps the examples it decodes in memory, up to `max_bytes`, so later
+    epochs skip TFDS's record parsing and image decoding (most of the input pipeline's time on
+    small images: ~3 ms of ~2.5-3 ms per image on the scenes, 2026-12-03).
+
+    Why by hand: grain 0.2.18's in-memory cache (`CacheIterDataset`) replays one iteration in
+    order, not random access across reshuffled epochs; TFDS's `cache()` is for tf.data.
+    Each process caches what it reads (every grain worker its own copy): `max_bytes` is per
+    process. Examples past the budget are decoded every time, never evicted (no churn).
+    Cached arrays are read-only; each read returns new dicts around them.
+    """
+
+    def __init__(self, source: Any, max_bytes: int):
+        self._source, self.max_bytes = source, int(max_bytes)
+        self._cache: dict[int, dict[str, Any]] = {}
+        self.cached_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        example = self._cache.get(index)
+        if example is None:
+            example = self._source[index]
+            size = _nbytes(example)
+            if self.cached_bytes + size > self.max_bytes:
+                return example
+            self._cache[index] = _read_only(example)
+            self.cached_bytes += size
+        return _fresh_dicts(example)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A worker starts with an empty cache: the parent's entries are not shipped to it.
+        return {**self.__dict__, "_cache": {}, "cached_bytes": 0}
+
+    def __repr__(self) -> str:
+        return f"CachedSource({self._source!r}, max_bytes={self.max_bytes})"
+
+
 def data_source(
-    name: str, split: str, data_dir: str | os.PathLike, decode_images: bool = True
-) -> NumpySource:
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike,
+    decode_images: bool = True,
+    cache_mb: float = 0,
+) -> NumpySource | CachedSource:
     """The numpy source of `split` of the prepared TFDS dataset `name` in `data_dir`
-    (`decode_images=False`: images stay encoded bytes)."""
-    return NumpySource(name, split, data_dir, decode_images)
+    (`decode_images=False`: images stay encoded bytes; `cache_mb` > 0: decoded examples kept
+    in memory up to that many MiB per process, `CachedSource`)."""
+    source = NumpySource(name, split, data_dir, decode_images)
+    return CachedSource(source, int(cache_mb * 2**20)) if cache_mb > 0 else source
 
 
 def split_names(name: str, data_dir: str | os.PathLike) -> list[str]:

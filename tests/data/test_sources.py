@@ -115,3 +115,65 @@ def test_tfds_opencv_warning_is_dropped_and_other_absl_warnings_kept():
     opencv = "OpenCV is not installed. We recommend using OpenCV because it is faster ..."
     assert not absl_logger.filter(record(opencv))
     assert absl_logger.filter(record("Checkpoint 7 unreadable"))
+
+
+def _assert_same_example(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_same_example(a[key], b[key])
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+class CountingSource:
+    """`source` that records which indices it was asked to decode."""
+
+    def __init__(self, source):
+        self.source, self.reads = source, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return self.source[index]
+
+
+def test_cached_source_returns_what_the_source_decodes_and_decodes_each_example_once(train):
+    counting = CountingSource(train)
+    cached = sources.CachedSource(counting, max_bytes=64 * 2**20)
+    assert len(cached) == len(train)
+    for _ in range(2):  # two epochs
+        for index in (3, 0, 5, 3):
+            _check_structure(cached[index])
+            _assert_same_example(cached[index], train[index])
+    assert counting.reads == [3, 0, 5]  # each decoded once, on its first read
+    assert cached.cached_bytes > 0
+
+
+def test_data_source_with_cache_mb_is_a_cached_source(scenes_data_dir):
+    cached = sources.data_source("scenes", "train", scenes_data_dir, cache_mb=64)
+    assert isinstance(cached, sources.CachedSource) and cached.max_bytes == 64 * 2**20
+    assert isinstance(sources.data_source("scenes", "train", scenes_data_dir), sources.NumpySource)
+
+
+def test_cached_examples_are_read_only_and_callers_get_fresh_dicts(scenes_data_dir):
+    cached = sources.data_source("scenes", "train", scenes_data_dir, cache_mb=64)
+    first = cached[0]
+    with pytest.raises(ValueError, match="read-only"):
+        first["image"][0, 0, 0] = 0
+    first["image"] = None  # replacing a key changes only this caller's dict
+    first["objects"]["label"] = None
+    assert cached[0]["image"] is not None and cached[0]["objects"]["label"] is not None
+
+
+def test_cached_source_stops_caching_at_its_budget_and_pickles_empty(scenes_data_dir, train):
+    one_example = sources._nbytes(train[0])
+    cached = sources.CachedSource(train, max_bytes=one_example)
+    cached[0], cached[1]
+    assert list(cached._cache) == [0] and cached.cached_bytes == one_example
+    _assert_same_example(cached[1], train[1])  # past the budget: decoded, not cached
+    copy = pickle.loads(pickle.dumps(cached))
+    assert copy.cached_bytes == 0 and not copy._cache and len(copy) == len(train)
+    _assert_same_example(copy[2], train[2])
