@@ -251,6 +251,7 @@ class Predictor:
                 )
             ]
             out_tokens, out_probs = self._decode(task, packer.placements, spec, settings)
+            self.last_rows = []  # (view, its row, packed row b, decoder row r): for inspection
             for placed in packer.placements:
                 piece = placed.element["piece"]
                 start = placed.ragged_offsets[PROMPTS]
@@ -258,6 +259,9 @@ class Predictor:
                 rows = slice(piece.first_row, piece.first_row + count)
                 tokens[piece.view][rows] = out_tokens[placed.row, start : start + count]
                 probs[piece.view][rows] = out_probs[placed.row, start : start + count]
+                self.last_rows += [
+                    (piece.view, piece.first_row + k, placed.row, start + k) for k in range(count)
+                ]
             done += len(packer.placements)
             progress.update(done)
         progress.close()
