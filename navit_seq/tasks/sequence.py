@@ -89,7 +89,7 @@ class SequenceTask(tasks.Task, Protocol):
 
     vocab: Vocab
     prompt_length: int  # P, tokens before the response (every row of the task)
-    metric: str  # metric family its predictions feed (navit_seq.evaluation.METRICS)
+    metric: str  # metric family its predictions feed (navit_seq.evaluation.metrics)
     needs: tuple[str, ...]  # what its prompts read from other tasks' predictions ("boxes")
     provides: tuple[str, ...]  # what its predictions give other tasks ("boxes")
 
