@@ -38,7 +38,9 @@ def _model(config):
     trainer = loop.Trainer(config, main_lib.objective_for(config))
     workdir = flags.FLAGS.workdir
     if workdir:
-        checkpointer = checkpoint_lib.Checkpointer(epath.Path(workdir) / "checkpoints", every_steps=0)
+        checkpointer = checkpoint_lib.Checkpointer(
+            epath.Path(workdir) / "checkpoints", every_steps=0
+        )
         step, state = checkpointer.restore_state(None, trainer.abstract_state)
         checkpointer.close()
     else:
