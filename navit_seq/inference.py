@@ -1,37 +1,38 @@
 """Per-image predictions of a Pix2Seq model for every sequence task of its recipe (Pix2Seq v2).
 
-Order per chunk of `evaluation.images_per_batch` images (each packed alone into one row of a
-fixed-shape batch at the eval token budget, so nothing recompiles):
-1. detection: greedy or nucleus decoding under the codec's grammar to the row's full length;
-   every group is a box, its class the most likely real class, its score that class's
-   probability under the unconstrained distribution (Pix2Seq's reference inference);
-2. segmentation and keypoints, prompted by the detected boxes (or the ground-truth ones,
-   `evaluation.use_gt_boxes`): one decoder row per box, all rows of an image in one call (the
-   image encoded once). Segmentation draws `segm_samples` masks per box, averages them and
-   keeps pixels where >= 50% agree; keypoints decode 17 coordinate pairs on the person crop with
-   INVISIBLE masked out, i.e. the model's best coordinate guess;
-3. captioning: greedy.
-Output per image: {"image_id", "boxes" [N, 4] normalized (ymin, xmin, ymax, xmax), "labels"
-[N], "scores" [N], "masks" (N COCO RLE dicts at the stored size, None past `max_instances`),
-"keypoints" [N, 17, 3] (y, x, v) normalized (all zero where not predicted), "caption" str};
-keys of tasks the recipe does not train are absent.
+A task-agnostic driver over the `navit_seq.tasks.sequence.SequenceTask` protocol: it names no
+task. Per task, in the order the tasks' `needs` / `provides` give (segmentation and keypoints
+after detection, whose boxes prompt them, or after the ground truth's boxes with
+`evaluation.use_gt_boxes`):
+1. the task turns each example into views (the image, or crops) with their prompt rows;
+2. the views are tokenized by the pipeline's own `image_tokens` at the eval resolution and
+   packed by the trainer's own `packing.RowPacker` / `packing.assemble`: several images per
+   packed row, every prompt one decoder row reading its image's slot, `images_per_batch`
+   packed rows per decoder call, so the encoder runs once per packed row and per-instance
+   prompts (and segmentation's samples) are extra rows of the same call;
+3. the task reads its rows back into prediction keys, which later tasks may read.
+Output per image: {"image_id", then each task's keys}: detection "boxes" [N, 4] normalized
+(ymin, xmin, ymax, xmax), "labels" [N], "scores" [N]; segmentation "masks" (N COCO RLE dicts
+at the stored size, None past `max_instances`); keypoints "keypoints" [N, 17, 3] (y, x, v)
+normalized (all zero where not predicted); captioning "caption" str. Keys of tasks the
+recipe does not train are absent.
 """
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from navit_seq import cli, decode, pipeline
-from navit_seq.data import mixing, patches, resolution
-from navit_seq.tasks.keypoints import NUM_KEYPOINTS, RESPONSE_LENGTH, crop_image
-from navit_seq.tasks.segmentation import polygons_to_rle
-from navit_seq.tasks.sequence import sequence_tasks
+from navit_seq import tasks as tasks_lib
+from navit_seq.data import mixing, packing, patches, sources
+from navit_seq.evaluation import metrics as metric_families
+from navit_seq.tasks import sequence
+from navit_seq.tasks.sequence import SequenceTask
 
 
 def default_evaluation_config() -> ml_collections.ConfigDict:
@@ -42,6 +43,9 @@ def default_evaluation_config() -> ml_collections.ConfigDict:
             "split": "",  # "": data.eval_split
             "num_images": 64,  # first images of the split scored (0 = all)
             "images_per_batch": 4,  # packed rows per decoder call
+            # Decoder rows per packed row (at most; a task needing fewer uses fewer): several
+            # images' prompts, each box's rows, segmentation's samples.
+            "rows_per_seq": 64,
             "max_instances": 16,  # boxes per image prompted for masks / keypoints
             "segm_samples": 8,  # masks sampled per box, averaged, thresholded at 50% (paper)
             "use_gt_boxes": False,  # prompt segmentation/keypoints with ground-truth boxes
@@ -54,41 +58,50 @@ def default_evaluation_config() -> ml_collections.ConfigDict:
     )
 
 
-def evaluation_problems(config: ml_collections.ConfigDict, class_names: Sequence[str]) -> list[str]:
-    """What in `config.evaluation` cannot work with the recipe's tasks and its dataset's
-    classes, one item per problem naming the key ([] = none). Checked by every Predictor and,
-    before training, by the commands (`navit_seq.main.check_data`)."""
-    options = config.get("evaluation", default_evaluation_config())
-    names = {name for name, _ in mixing.task_weights(config.data)}
-    least = {"images_per_batch": 1, "segm_samples": 1, "max_instances": 1, "num_images": 0}
+def evaluation_options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.evaluation` over the defaults (a recipe or config.json saved before a key
+    existed, e.g. `rows_per_seq`, reads its default)."""
+    options = default_evaluation_config()
+    options.update(config.get("evaluation", {}))
+    return options
+
+
+def evaluation_problems(
+    config: ml_collections.ConfigDict,
+    class_names: Sequence[str],
+    task_list: Sequence[SequenceTask] | None = None,
+) -> list[str]:
+    """What in `config.evaluation` cannot work with the recipe's tasks (`task_list`, None:
+    built from the recipe, leaving out those that cannot be built, which
+    `pipeline.dataset_problems` names) and its dataset's classes, one item per problem naming
+    the key ([] = none). Checked by every Predictor and, before training, by the commands
+    (`navit_seq.main.check_data`)."""
+    options = evaluation_options(config)
+    least = {"images_per_batch": 1, "rows_per_seq": 1, "max_instances": 1, "num_images": 0}
     problems = [
         f"evaluation.{key}={options[key]}; use at least {value}"
         for key, value in least.items()
         if options[key] < value
     ]
-    problems += [
-        f"evaluation.{key}={options[key]}; use 0 (greedy) up to 1"
-        for key in ("detection_top_p", "segmentation_top_p", "keypoints_top_p")
-        if not 0 <= options[key] <= 1
-    ]
-    prompted = names & {"segmentation", "keypoints"}
-    if prompted and "detection" not in names and not options.use_gt_boxes:
-        problems.append(
-            "evaluation.use_gt_boxes=False but the recipe has no detection task to prompt "
-            "segmentation/keypoints with; set use_gt_boxes=True or add detection"
-        )
-    if "keypoints" in names and not set(options.keypoint_classes) & set(class_names):
-        problems.append(
-            f"evaluation.keypoint_classes={tuple(options.keypoint_classes)} names none of the "
-            f"classes of dataset {config.data.name!r} ({', '.join(class_names)}), so no "
-            "keypoints would be predicted; name the class(es) annotated with keypoints"
-        )
+    if task_list is None:
+        task_list = []
+        for name, _ in mixing.task_weights(config.data):
+            try:
+                task_list.append(tasks_lib.get_task(tasks_lib.task_config(config.data, name)))
+            except (ValueError, OSError):
+                continue
+    for task in task_list:
+        problems += task.problems(options, class_names)
+    try:
+        sequence.run_order(task_list, ground_truth_keys(options))
+    except ValueError as error:
+        problems.append(str(error))
     return problems
 
 
-def average_masks(masks: np.ndarray) -> np.ndarray:
-    """Sampled binary masks [N, H, W] -> bool [H, W]: pixels set in at least half of them."""
-    return np.asarray(masks, np.float32).mean(axis=0) >= 0.5
+def ground_truth_keys(options: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """What the ground truth gives the tasks instead of a task (`use_gt_boxes`: boxes)."""
+    return (sequence.BOXES,) if options.use_gt_boxes else ()
 
 
 # Token masks are static arguments of the jitted decoder (a new function recompiles): one per
@@ -109,298 +122,228 @@ def _padded(grammar: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.pad(grammar, ((0, 0), (0, missing)), constant_values=False)
 
 
-def _decode_config(max_len: int, top_p: float) -> decode.DecodeConfig:
-    if top_p > 0:
-        return decode.DecodeConfig(max_len=max_len, method="sample", top_p=top_p)
-    return decode.DecodeConfig(max_len=max_len)
+def decode_config(settings: sequence.DecodeSettings) -> decode.DecodeConfig:
+    """A task's decode settings as the decoder's configuration (top_p 0: greedy)."""
+    if settings.top_p > 0:
+        return decode.DecodeConfig(max_len=settings.max_len, method="sample", top_p=settings.top_p)
+    return decode.DecodeConfig(max_len=settings.max_len)
+
+
+PROMPTS = "prompts"  # ragged group of the inference batch: one decoder row per prompt
+
+
+def prompt_spec(prompt_length: int, rows_per_seq: int) -> packing.RaggedSpec:
+    """Inference's decoder rows as a ragged group: `prompt [B, R, P]`, `row_slot [B, R]`."""
+    return packing.RaggedSpec(
+        name=PROMPTS,
+        capacity=rows_per_seq,
+        fields={"prompt": ((prompt_length,), np.dtype(np.int32))},
+        slot_key="row_slot",
+        slot_offset=0,  # row_slot = slot index, -1 for padding rows (as in training)
+    )
 
 
 @dataclasses.dataclass
-class _Image:
-    """One packed image: its patch tokens, and the decoder rows' prompts that read it."""
+class _Piece:
+    """Up to `rows_per_seq` prompt rows of one view, packed as one image."""
 
-    tokens: dict[str, np.ndarray]
-    prompts: np.ndarray  # [r, P] int32
+    view: int  # index into the task's list of (example index, view)
+    first_row: int  # of the view's prompts
+    element: dict  # the per-image element packed (tokens + the prompts group)
 
 
 class Predictor:
     """Runs the recipe's sequence tasks on decoded examples (see the module docstring)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, model: Any):
-        from navit_seq.data import sources
-
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        model: Any,
+        task_list: Sequence[SequenceTask] | None = None,
+    ):
+        """`task_list`: the recipe's tasks when the caller built them (the objective does,
+        once per run); None builds them from `config.data`."""
         self.model = model
         self.data = config.data
-        self.options = config.get("evaluation", default_evaluation_config())
+        self.options = evaluation_options(config)
         if self.data.eval_max_tokens > self.data.seq_len:
             raise ValueError(
                 f"data.eval_max_tokens={self.data.eval_max_tokens} > data.seq_len="
-                f"{self.data.seq_len}: inference packs one image per row; lower eval_max_tokens."
+                f"{self.data.seq_len}: an image must fit one packed row; lower eval_max_tokens."
             )
-        recipe_tasks = sequence_tasks(config.data)
-        self.tasks = {task.name: task.codec for task in recipe_tasks}
-        self.task_ids = {task.name: task.task_id for task in recipe_tasks}  # the batch's task_id
-        # Keypoint rows go to boxes of the classes named in evaluation.keypoint_classes; only a
-        # recipe with the keypoint task reads the dataset's class names for that.
-        class_names = (
-            sources.class_names(self.data.name, data_dir=self.data.data_dir)
-            if "keypoints" in self.tasks
-            else []
+        self.tasks = (
+            list(task_list) if task_list is not None else sequence.sequence_tasks(self.data)
         )
-        problems = evaluation_problems(config, class_names)
+        class_names = sources.class_names(self.data.name, data_dir=self.data.data_dir)
+        problems = evaluation_problems(config, class_names, self.tasks)
         if problems:
             raise ValueError("; ".join(problems) + ".")
-        self.keypoint_labels = {
-            class_names.index(name) for name in self.options.keypoint_classes if name in class_names
-        }
+        self.order = sequence.run_order(self.tasks, ground_truth_keys(self.options))
         # A decoder may have more outputs than the tasks' vocabulary (model.decoder.vocab_size
         # set larger by hand): those ids are never allowed.
         width = config.model.decoder.get("vocab_size") or 0
         self.masks = {
-            name: _token_mask(_padded(codec.grammar(), width), codec.PROMPT_LENGTH)
-            for name, codec in self.tasks.items()
+            task.name: _token_mask(_padded(task.grammar(), width), task.prompt_length)
+            for task in self.tasks
         }
         self.rng = jax.random.key(self.options.seed)
         self.calls = 0
 
-    # Packing.
-    def _image_tokens(self, image: np.ndarray, example_id: int) -> dict[str, np.ndarray]:
-        """The eval-time view of an image (`pipeline.eval_resolution_config`), patchified."""
-        height, width = image.shape[:2]
-        rows, cols, _ = resolution.sample_grid(
-            pipeline.eval_resolution_config(self.data),
-            height,
-            width,
-            self.data.patch_size,
-            self.data.eval_max_tokens,
-            np.random.default_rng(0),  # the eval samplers draw nothing
-            max_grid_side=self.data.max_grid_side,
-        )
-        size = self.data.patch_size
-        resized = resolution.resize_image(image, rows * size, cols * size)
-        image_patches, coords, grid = patches.patchify(resized, size)
-        return {
-            "patches": image_patches,  # [N, P*P*3]
-            "patch_coords": coords,  # [N, 2]
-            "image_grid": grid,
-            "image_size": np.array(resized.shape[:2], np.int32),
-            "original_size": np.array([height, width], np.int32),
-            "example_id": np.int64(example_id),
-        }
+    def predict(self, examples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Decoded examples (navit_seq.data.sources) -> one prediction dict per example."""
+        images = [patches.standardize_pixels(e["image"], int(e["image_id"]))[0] for e in examples]
+        given = [{} for _ in examples]  # per example: prediction keys made so far
+        if self.options.use_gt_boxes:
+            for found, example in zip(given, examples, strict=True):
+                found.update(sequence.ground_truth_boxes(example))
+        for task in self.order:
+            views = [
+                (index, view)
+                for index, (example, image) in enumerate(zip(examples, images, strict=True))
+                for view in task.prompts(example, image, given[index], self.options)
+            ]
+            tokens, probs = self.generate(task, [view for _, view in views])
+            for index, example in enumerate(examples):
+                mine = [v for v, (owner, _) in enumerate(views) if owner == index]
+                given[index].update(
+                    task.predictions(
+                        example,
+                        [views[v][1] for v in mine],
+                        [tokens[v] for v in mine],
+                        [probs[v] for v in mine],
+                        given[index],
+                    )
+                )
+        return [{"image_id": int(e["image_id"]), **g} for e, g in zip(examples, given, strict=True)]
 
-    def _generate(
-        self, images: Sequence[_Image], num_rows: int, task: str, config: decode.DecodeConfig
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Packs `images` (<= images_per_batch, one per batch row, `num_rows` decoder rows each)
-        and decodes. Returns tokens, token probabilities [len(images), num_rows, max_len]."""
-        batch_size, length = self.options.images_per_batch, self.data.seq_len
-        prompt_length = self.tasks[task].PROMPT_LENGTH
-        depth = self.data.patch_size**2 * 3
-        batch = {
-            "patches": np.zeros((batch_size, length, depth), np.uint8),  # [B, L, P*P*3]
-            "segment_ids": np.zeros((batch_size, length), np.int32),
-            "patch_coords": np.zeros((batch_size, length, 2), np.int32),
-            "image_grid": np.zeros((batch_size, 1, 2), np.int32),  # E_max = 1
-            "image_size": np.zeros((batch_size, 1, 2), np.int32),
-            "original_size": np.zeros((batch_size, 1, 2), np.int32),
-            "example_valid": np.zeros((batch_size, 1), bool),
-            "example_id": np.full((batch_size, 1), -1, np.int64),
-            "task_id": np.full((batch_size, 1), self.task_ids[task], np.int32),
-            "row_slot": np.full((batch_size, num_rows), -1, np.int32),  # [B, R]
-        }
-        prompt = np.zeros((batch_size, num_rows, prompt_length), np.int32)  # [B, R, P]
-        for b, image in enumerate(images):
-            tokens = image.tokens
-            count = len(tokens["patches"])
-            batch["patches"][b, :count] = tokens["patches"]
-            batch["segment_ids"][b, :count] = 1
-            batch["patch_coords"][b, :count] = tokens["patch_coords"]
-            for key in ("image_grid", "image_size", "original_size"):
-                batch[key][b, 0] = tokens[key]
-            batch["example_valid"][b, 0] = True
-            batch["example_id"][b, 0] = tokens["example_id"]
-            batch["row_slot"][b, : len(image.prompts)] = 0
-            prompt[b, : len(image.prompts)] = image.prompts
-        self.last_batch = {k: jnp.asarray(v) for k, v in batch.items()}  # for inspection
+    def rows_per_seq(self, task: SequenceTask) -> int:
+        """R of the task's batches: what `max_examples_per_seq` views ask for at most, up to
+        `evaluation.rows_per_seq`; fixed per task, so nothing recompiles between calls."""
+        most = self.data.max_examples_per_seq * task.max_prompts(self.options)
+        return max(1, min(self.options.rows_per_seq, most))
+
+    def generate(
+        self, task: SequenceTask, views: Sequence[sequence.View]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every view's rows decoded: (tokens, model probabilities), one [r, max_len] array per
+        view. Views are packed several per packed row (`RowPacker`); a view with more rows than
+        a packed row holds is split into pieces (its image packed once per piece)."""
+        settings = decode_config(task.decode_settings(self.options))
+        capacity = self.rows_per_seq(task)
+        spec = prompt_spec(task.prompt_length, capacity)
+        tokens = [np.zeros((len(v.prompts), settings.max_len), np.int32) for v in views]
+        probs = [np.zeros((len(v.prompts), settings.max_len), np.float64) for v in views]
+        pending = self._pieces(task, views, spec)
+        progress = cli.Progress(f"predict {task.name}", total=len(pending), unit="images")
+        done = 0
+        while pending:
+            packer = packing.RowPacker(
+                self.options.images_per_batch,
+                self.data.seq_len,
+                self.data.max_examples_per_seq,
+                (spec,),
+            )
+            pending = [
+                piece
+                for piece in pending
+                if not packer.place(
+                    piece.element, piece.element["patches"], piece.element["patch_coords"]
+                )
+            ]
+            out_tokens, out_probs = self._decode(task, packer.placements, spec, settings)
+            self.last_rows = []  # (view, its row, packed row b, decoder row r): for inspection
+            for placed in packer.placements:
+                piece = placed.element["piece"]
+                start = placed.ragged_offsets[PROMPTS]
+                count = len(placed.element["ragged"][PROMPTS]["prompt"])
+                rows = slice(piece.first_row, piece.first_row + count)
+                tokens[piece.view][rows] = out_tokens[placed.row, start : start + count]
+                probs[piece.view][rows] = out_probs[placed.row, start : start + count]
+                self.last_rows += [
+                    (piece.view, piece.first_row + k, placed.row, start + k) for k in range(count)
+                ]
+            done += len(packer.placements)
+            progress.update(done)
+        progress.close()
+        return tokens, probs
+
+    def _pieces(self, task, views, spec) -> list[_Piece]:
+        """Each view's image tokens (at the eval resolution) with its prompts in pieces of at
+        most `spec.capacity` rows; views without prompts are not packed."""
+        resolution_config = pipeline.eval_resolution_config(self.data)
+        pieces = []
+        for index, view in enumerate(views):
+            if not len(view.prompts):
+                continue
+            tokens = pipeline.image_tokens(
+                view.pixels,
+                resolution_config,
+                self.data.patch_size,
+                self.data.eval_max_tokens,
+                self.data.max_grid_side,
+                np.random.default_rng(0),  # the eval samplers draw nothing
+                {},
+            )
+            for first in range(0, len(view.prompts), spec.capacity):
+                piece = _Piece(index, first, {})
+                piece.element.update(
+                    tokens,
+                    example_id=np.int64(index),
+                    task_id=np.int32(task.task_id),
+                    targets={},
+                    ragged={PROMPTS: {"prompt": view.prompts[first : first + spec.capacity]}},
+                    piece=piece,
+                )
+                pieces.append(piece)
+        return pieces
+
+    def _decode(self, task, placements, spec, settings) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder call over the packed batch of `placements`: tokens and model
+        probabilities [B, R, max_len]."""
+        batch = packing.assemble(
+            placements,
+            batch_size=self.options.images_per_batch,
+            seq_len=self.data.seq_len,
+            max_examples_per_seq=self.data.max_examples_per_seq,
+            patch_dim=self.data.patch_size**2 * patches.NUM_CHANNELS,
+            target_spec={},
+            ragged_specs=(spec,),
+        )
+        prompt = batch.pop("prompt")  # [B, R, P]
+        del batch["targets"], batch["example_id"]  # not model inputs
+        self.last_batch = {key: jnp.asarray(value) for key, value in batch.items()}
         rng = jax.random.fold_in(self.rng, self.calls)
         self.calls += 1
         out = decode.generate(
-            self.model,
-            self.last_batch,
-            jnp.asarray(prompt),
-            rng,
-            config,
-            self.masks[task],
+            self.model, self.last_batch, jnp.asarray(prompt), rng, settings, self.masks[task.name]
         )
-        tokens = np.asarray(out["tokens"])[: len(images)]
         # Scores are model probabilities (FAKE and END keep their mass): DetectionTask.grammar.
-        probs = np.exp(np.asarray(out["model_log_probs"], np.float64))[: len(images)]
-        return tokens, probs
-
-    def _chunks(self, items: Sequence[Any], task: str, unit: str) -> Iterator[Sequence[Any]]:
-        """`items` in decoder calls of `images_per_batch`, reporting `task` progress."""
-        size = self.options.images_per_batch
-        progress = cli.Progress(f"predict {task}", total=len(items), unit=unit)
-        for start in range(0, len(items), size):
-            yield items[start : start + size]
-            progress.update(min(start + size, len(items)))
-        progress.close()
-
-    # Tasks.
-    def _detect(self, examples, images) -> list[dict[str, np.ndarray]]:
-        codec = self.tasks["detection"]
-        config = _decode_config(codec.seq_len - codec.PROMPT_LENGTH, self.options.detection_top_p)
-        prompt = np.array([[codec.vocab.DETECTION_PROMPT]], np.int32)
-        found = []
-        for chunk in self._chunks(images, "detection", "images"):
-            tokens, probs = self._generate(
-                [_Image(t, prompt) for t in chunk], 1, "detection", config
-            )
-            for row_tokens, row_probs in zip(tokens[:, 0], probs[:, 0], strict=True):
-                decoded, _ = codec.decode(row_tokens, row_probs)
-                order = np.argsort(-decoded["score"], kind="stable")
-                found.append(
-                    {
-                        "boxes": decoded["bbox"][order],
-                        "labels": decoded["label"][order],
-                        "scores": decoded["score"][order],
-                    }  # fmt: skip
-                )
-        return found
-
-    def _ground_truth_boxes(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        objects = example["objects"]
-        keep = ~np.asarray(objects["is_crowd"], bool).reshape(-1)
-        boxes = np.clip(np.asarray(objects["bbox"], np.float32).reshape(-1, 4)[keep], 0, 1)
-        labels = np.asarray(objects["label"], np.int64).reshape(-1)[keep]
-        return {"boxes": boxes, "labels": labels, "scores": np.ones(len(labels), np.float32)}
-
-    def _segment(self, examples, images, found) -> list[list]:
-        codec = self.tasks["segmentation"]
-        rows = self.options.max_instances
-        config = _decode_config(
-            codec.seq_len - codec.PROMPT_LENGTH, self.options.segmentation_top_p
-        )
-        prompted = []
-        for tokens, f in zip(images, found, strict=True):
-            prompts = [codec.prompt(box, label) for box, label in zip(
-                f["boxes"][:rows], f["labels"][:rows], strict=True)]  # fmt: skip
-            empty = np.zeros((0, codec.PROMPT_LENGTH), np.int32)
-            prompted.append(_Image(tokens, np.stack(prompts) if prompts else empty))
-        masks = []
-        for chunk_index, chunk in enumerate(self._chunks(prompted, "segmentation", "images")):
-            start = chunk_index * self.options.images_per_batch
-            # Each sample is one decoder call with all boxes' rows (the image encoded once per
-            # call). All samples as extra rows of one call measured only 7% faster on CPU
-            # (experiments/benchmarks/README.md) for a KV cache segm_samples times larger.
-            samples = [
-                self._generate(chunk, rows, "segmentation", config)[0]
-                for _ in range(self.options.segm_samples)
-            ]  # each [b, R, max_len]
-            for offset, image in enumerate(chunk):
-                height, width = np.asarray(examples[start + offset]["image"]).shape[:2]
-                image_masks: list = [None] * len(found[start + offset]["labels"])
-                for row in range(len(image.prompts)):
-                    polygons = [codec.decode(sample[offset, row])[0] for sample in samples]
-                    sampled = np.stack(
-                        [mask_utils.decode(polygons_to_rle(p, height, width)) for p in polygons]
-                    )  # [N, H, W]
-                    binary = np.asfortranarray(average_masks(sampled).astype(np.uint8))
-                    image_masks[row] = mask_utils.encode(binary)
-                masks.append(image_masks)
-        return masks
-
-    def _keypoints(self, examples, found) -> list[np.ndarray]:
-        codec = self.tasks["keypoints"]
-        config = _decode_config(RESPONSE_LENGTH, self.options.keypoints_top_p)
-        crops, owners = [], []  # one packed image per person crop; (image index, box index)
-        for index, (example, f) in enumerate(zip(examples, found, strict=True)):
-            image, _ = patches.standardize_pixels(example["image"], int(example["image_id"]))
-            for box_index in range(min(len(f["labels"]), self.options.max_instances)):
-                label = int(f["labels"][box_index])
-                if label not in self.keypoint_labels:
-                    continue
-                crop = codec.crop_box(f["boxes"][box_index], image.shape[:2])
-                prompt = codec.prompt(f["boxes"][box_index], label, crop)[None]
-                tokens = self._image_tokens(crop_image(image, crop), int(example["image_id"]))
-                crops.append(_Image(tokens, prompt))
-                owners.append((index, box_index, crop))
-        keypoints = [np.zeros((len(f["labels"]), NUM_KEYPOINTS, 3), np.float32) for f in found]
-        decoded_rows = []
-        for chunk in self._chunks(crops, "keypoints", "person crops"):
-            decoded_rows.extend(self._generate(chunk, 1, "keypoints", config)[0][:, 0])
-        for (index, box_index, crop), row in zip(owners, decoded_rows, strict=True):
-            keypoints[index][box_index] = codec.decode(row, crop)[0]
-        return keypoints
-
-    def _caption(self, images) -> list[str]:
-        codec = self.tasks["captioning"]
-        config = _decode_config(codec.seq_len - codec.PROMPT_LENGTH, 0.0)
-        prompt = np.array([[codec.vocab.CAPTION_PROMPT]], np.int32)
-        captions = []
-        for chunk in self._chunks(images, "captioning", "images"):
-            tokens, _ = self._generate([_Image(t, prompt) for t in chunk], 1, "captioning", config)
-            captions.extend(codec.decode(row)[0] for row in tokens[:, 0])
-        return captions
-
-    def predict(self, examples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Decoded examples (navit_seq.data.sources) -> one prediction dict per example."""
-        images = []
-        for example in examples:
-            pixels, _ = patches.standardize_pixels(example["image"], int(example["image_id"]))
-            images.append(self._image_tokens(pixels, int(example["image_id"])))
-        predictions = [{"image_id": int(e["image_id"])} for e in examples]
-        if self.options.use_gt_boxes:
-            found = [self._ground_truth_boxes(e) for e in examples]
-        elif "detection" in self.tasks:
-            found = self._detect(examples, images)
-        else:
-            found = None
-        if found is not None:
-            for prediction, f in zip(predictions, found, strict=True):
-                prediction.update(f)
-        if "segmentation" in self.tasks:
-            for prediction, masks in zip(predictions, self._segment(examples, images, found),
-                                         strict=True):  # fmt: skip
-                prediction["masks"] = masks
-        if "keypoints" in self.tasks:
-            for prediction, points in zip(predictions, self._keypoints(examples, found),
-                                          strict=True):  # fmt: skip
-                prediction["keypoints"] = points
-        if "captioning" in self.tasks:
-            for prediction, caption in zip(predictions, self._caption(images), strict=True):
-                prediction["caption"] = caption
-        return predictions
+        return np.asarray(out["tokens"]), np.exp(np.asarray(out["model_log_probs"], np.float64))
 
 
 def evaluation_examples(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     """The first `evaluation.num_images` decoded examples (0 = all) of the evaluation split."""
-    from navit_seq.data import sources
-
-    options = config.get("evaluation", default_evaluation_config())
+    options = evaluation_options(config)
     split = options.split or config.data.eval_split
     source = sources.data_source(config.data.name, split, data_dir=config.data.data_dir)
     count = len(source) if not options.num_images else min(options.num_images, len(source))
     return [source[i] for i in range(count)]
 
 
-def evaluate_split(config: ml_collections.ConfigDict, model: Any) -> dict[str, float]:
-    """Predictions on the evaluation split scored with pycocotools and pycocoevalcap:
-    bbox_AP, bbox_AP50, segm_AP, keypoints_AP, caption_BLEU4, caption_CIDEr (+ counts).
-    A metric of a task the recipe does not train reads 0.0 with `<kind>_num_predictions` 0."""
-    from navit_seq.data import sources
-    from navit_seq.evaluation import captions, coco
-
+def evaluate_split(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    task_list: Sequence[SequenceTask] | None = None,
+) -> dict[str, float]:
+    """Predictions on the evaluation split scored by the metric family of each task
+    (`SequenceTask.metric`, `navit_seq.evaluation.score`): bbox_AP, bbox_AP50, segm_AP,
+    keypoints_AP, caption_BLEU4, caption_CIDEr (+ counts) for the four Pix2Seq tasks; families
+    of tasks the recipe does not train are absent."""
     examples = evaluation_examples(config)
-    predictions = Predictor(config, model).predict(examples)
+    predictor = Predictor(config, model, task_list)
+    predictions = predictor.predict(examples)
     class_names = sources.class_names(config.data.name, data_dir=config.data.data_dir)
-    metrics = coco.coco_metrics(examples, predictions, class_names)
-    references = {int(e["image_id"]): list(e["captions"]) for e in examples}
-    predicted = {
-        p["image_id"]: p["caption"]
-        for p in predictions
-        if "caption" in p and any(str(c).strip() for c in references[p["image_id"]])
-    }
-    metrics.update(captions.caption_metrics(references, predicted))
+    families = list(dict.fromkeys(task.metric for task in predictor.tasks))
+    metrics = metric_families.score(families, examples, predictions, class_names)
     metrics["num_images"] = float(len(examples))
     return metrics

@@ -5,7 +5,8 @@
     PackIterDataset (main process: token dropping + packing) -> batches of architecture.md §3
 
 Several tasks (`data.tasks`) are mixed per example or per batch (`navit_seq.data.mixing`).
-Rows that see a crop of the image (keypoints, `crop_box`) become one packed image per crop.
+Each task says which packed images an example becomes (`Task.views`: the whole image, or
+keypoints' one crop per person); `image_tokens` turns each into tokens, here and at inference.
 
 Per host: each process reads the records `process_index::process_count` of the source and packs
 its own `batch_size / process_count` rows; the trainer assembles them into global arrays. This
@@ -22,8 +23,6 @@ from absl import flags
 
 from navit_seq import cli, tasks
 from navit_seq.data import augment, mixing, packing, patches, resolution, token_drop
-from navit_seq.tasks.keypoints import crop_image
-from navit_seq.tasks.sequence import CROP_BOX
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -181,12 +180,41 @@ class AddIndex(grain.transforms.MapWithIndex):
         return {**element, self.key: index}
 
 
-class PrepareImage(grain.transforms.RandomMap):
-    """Decoded example -> per-image element of architecture.md §2 (task targets, resized tokens).
+def image_tokens(
+    image: np.ndarray,
+    resolution_config: ml_collections.ConfigDict,
+    patch_size: int,
+    max_tokens: int,
+    max_grid_side: int,
+    rng: np.random.Generator,
+    counts: dict[str, int],
+) -> dict[str, np.ndarray]:
+    """Standardized pixels [H, W, 3] -> the per-image token fields of architecture.md §2:
+    resized to a grid drawn from `resolution_config` (at most `max_tokens` patches) and
+    patchified. Adds the resize counters to `counts`. Training, inference and predict call it."""
+    height, width = image.shape[:2]
+    rows, cols, size_counts = resolution.sample_grid(
+        resolution_config, height, width, patch_size, max_tokens, rng, max_grid_side=max_grid_side
+    )
+    for key, count in size_counts.items():
+        counts[key] = counts.get(key, 0) + count
+    image = resolution.resize_image(image, rows * patch_size, cols * patch_size)
+    image_patches, patch_coords, image_grid = patches.patchify(image, patch_size)
+    return {
+        "patches": image_patches,  # [N, P*P*3] uint8
+        "patch_coords": patch_coords,  # [N, 2] int32
+        "image_grid": image_grid,  # [2] int32
+        "image_size": np.array(image.shape[:2], np.int32),
+        "original_size": np.array([height, width], np.int32),  # of the example or its crop
+    }
 
-    The task is `task_list[element["task_index"]]` (0 without mixing). Ragged groups the task
-    returns go under `ragged`; a group with `crop_box [R, 4]` (rows that see a crop) gives one
-    image per row, cut from the example with that box (`{images: [...], counts, ...}`).
+
+class PrepareImage(grain.transforms.RandomMap):
+    """Decoded example -> `{images: [per-image elements of architecture.md §2], counts, ...}`.
+
+    The task is `task_list[element["task_index"]]` (0 without mixing); it encodes the example
+    and says which packed images it becomes (`Task.views`: usually the whole image; keypoints
+    one crop per person, none without persons). Ragged groups go under each image's `ragged`.
     """
 
     def __init__(
@@ -223,51 +251,26 @@ class PrepareImage(grain.transforms.RandomMap):
             image = element["image"]
         targets, task_counts = task.encode(element, training=self.training, rng=rng)
         counts.update(task_counts)
-        ragged = {name: targets.pop(name) for name in self.ragged_names if name in targets}
-        crops = [group.pop(CROP_BOX) for group in ragged.values() if CROP_BOX in group]
         common = {
             "example_id": np.int64(example_id),
             "task_id": np.int32(task.task_id),
             "stream_index": int(element["stream_index"]),
         }
-        if not crops:
-            tokens = self._tokens(image, rng, counts)
-            return {**tokens, **common, "targets": targets, "ragged": ragged, "counts": counts}
         images = []
-        for row, crop_box in enumerate(crops[0]):  # one packed image per row's crop
-            tokens = self._tokens(crop_image(image, crop_box), rng, counts)
-            row_ragged = {
-                name: {k: v[row : row + 1] for k, v in g.items()} for name, g in ragged.items()
-            }
-            row_targets = {**targets, CROP_BOX: np.asarray(crop_box, np.float32)}
-            images.append({**tokens, **common, "targets": row_targets, "ragged": row_ragged})
+        for pixels, view_targets in task.views(image, targets):
+            view_targets = dict(view_targets)
+            ragged = {n: view_targets.pop(n) for n in self.ragged_names if n in view_targets}
+            tokens = image_tokens(
+                pixels,
+                self.resolution_config,
+                self.patch_size,
+                self.max_tokens,
+                self.max_grid_side,
+                rng,
+                counts,
+            )
+            images.append({**tokens, **common, "targets": view_targets, "ragged": ragged})
         return {"images": images, "counts": counts, **common}
-
-    def _tokens(
-        self, image: np.ndarray, rng: np.random.Generator, counts: dict[str, int]
-    ) -> dict[str, np.ndarray]:
-        """Resize to a sampled (or token-budget) grid and patchify; adds the resize counts."""
-        height, width = image.shape[:2]
-        rows, cols, size_counts = resolution.sample_grid(
-            self.resolution_config,
-            height,
-            width,
-            self.patch_size,
-            self.max_tokens,
-            rng,
-            max_grid_side=self.max_grid_side,
-        )
-        for key, count in size_counts.items():
-            counts[key] = counts.get(key, 0) + count
-        image = resolution.resize_image(image, rows * self.patch_size, cols * self.patch_size)
-        image_patches, patch_coords, image_grid = patches.patchify(image, self.patch_size)
-        return {
-            "patches": image_patches,  # [N, P*P*3] uint8
-            "patch_coords": patch_coords,  # [N, 2] int32
-            "image_grid": image_grid,  # [2] int32
-            "image_size": np.array(image.shape[:2], np.int32),
-            "original_size": np.array([height, width], np.int32),  # of the example or its crop
-        }
 
 
 def host_seed(seed: int, process_index: int, *stream: int) -> int:
@@ -301,17 +304,17 @@ def per_image_dataset(
     train: bool,
     process_index: int = 0,
     process_count: int = 1,
-    task_names: Sequence[str] | None = None,
+    task_list: Sequence[tasks.Task] | None = None,
     stream: tuple[int, ...] = (),
 ) -> grain.MapDataset:
     """Random-access dataset of per-image elements for this host (also used to restore state).
 
-    `task_names` (default: all of `data.tasks`) are mixed per example; `stream` tells the
-    per-task streams of batch mixing apart (their own shuffle and draws).
+    `task_list` (default: all of `data.tasks`, built here) are mixed per example; `stream`
+    tells the per-task streams of batch mixing apart (their own shuffle and draws).
     """
     weights = dict(mixing.task_weights(config))
-    task_names = list(weights) if task_names is None else list(task_names)
-    task_list = [tasks.get_task(tasks.task_config(config, name)) for name in task_names]
+    task_list = recipe_tasks(config) if task_list is None else list(task_list)
+    task_names = [task.name for task in task_list]
     seed = host_seed(config.seed, process_index, *stream)
     ds = grain.MapDataset.source(source)
     ds = ds.map_with_index(AddIndex("example_id"))  # the record's index in the whole source
@@ -361,8 +364,10 @@ def make_dataset(
     train: bool,
     process_index: int = 0,
     process_count: int = 1,
+    task_list: Sequence[tasks.Task] | None = None,
 ) -> grain.IterDataset:
     """The packed-batch grain dataset of `config` (architecture.md §6) over a decoded source.
+    `task_list`: the recipe's tasks, built once by the caller (None: built here).
 
     Training shuffles, repeats `num_epochs` times (None: forever) and drops tokens; evaluation
     reads one epoch in order at the token budget and never drops. Several tasks with
@@ -370,25 +375,34 @@ def make_dataset(
     """
     validate_data_config(config, process_count)
     weights = mixing.task_weights(config)
+    all_tasks = recipe_tasks(config) if task_list is None else list(task_list)
     if train and len(weights) > 1 and config.mixing == "batch":
-        all_tasks = [tasks.get_task(tasks.task_config(config, name)) for name, _ in weights]
         packers = [
             _packed_dataset(
-                source, config, train, process_index, process_count, [name], (k,), all_tasks
+                source, config, train, process_index, process_count, [task], (k,), all_tasks
             )
-            for k, (name, _) in enumerate(weights)
+            for k, task in enumerate(all_tasks)
         ]
         # The same draw on every host: a global batch is one task across all hosts.
         return mixing.BatchMixIterDataset(packers, [w for _, w in weights], config.seed)
-    names = [name for name, _ in weights]
-    all_tasks = [tasks.get_task(tasks.task_config(config, name)) for name in names]
     return _packed_dataset(
-        source, config, train, process_index, process_count, names, (), all_tasks
+        source, config, train, process_index, process_count, all_tasks, (), all_tasks
     )
 
 
+def recipe_tasks(config: ml_collections.ConfigDict) -> list[tasks.Task]:
+    """The tasks of `data.task` / `data.tasks`, built from the data config `config`."""
+    return [
+        tasks.get_task(tasks.task_config(config, name)) for name, _ in mixing.task_weights(config)
+    ]
+
+
 def split_dataset(
-    config: ml_collections.ConfigDict, split: str, *, train: bool
+    config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    train: bool,
+    task_list: Sequence[tasks.Task] | None = None,
 ) -> grain.IterDataset:
     """`make_dataset` over split `split` of the TFDS dataset `config.name` in `config.data_dir`,
     for this host (JAX's process index and count): what every trainer reads."""
@@ -403,18 +417,23 @@ def split_dataset(
         train=train,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        task_list=task_list,
     )
 
 
-def train_batches(config: ml_collections.ConfigDict) -> Iterator:
+def train_batches(
+    config: ml_collections.ConfigDict, task_list: Sequence[tasks.Task] | None = None
+) -> Iterator:
     """This host's checkpointable iterator over packed batches of `config.train_split`."""
-    return iter(split_dataset(config, config.train_split, train=True))
+    return iter(split_dataset(config, config.train_split, train=True, task_list=task_list))
 
 
-def eval_batches(config: ml_collections.ConfigDict) -> grain.IterDataset:
+def eval_batches(
+    config: ml_collections.ConfigDict, task_list: Sequence[tasks.Task] | None = None
+) -> grain.IterDataset:
     """One pass over this host's share of `config.eval_split` at the eval token budget (in a
     multi-task recipe, every example once by each task)."""
-    return split_dataset(config, config.eval_split, train=False)
+    return split_dataset(config, config.eval_split, train=False, task_list=task_list)
 
 
 def check_model_patch_size(patch_size: int, config: ml_collections.ConfigDict, field: str) -> None:
@@ -432,18 +451,18 @@ def _packed_dataset(
     train: bool,
     process_index: int,
     process_count: int,
-    task_names: Sequence[str],
+    task_list: Sequence[tasks.Task],
     stream: tuple[int, ...],
     all_tasks: Sequence[tasks.Task],
 ) -> packing.PackIterDataset:
-    """One packer over the examples of `task_names`, with the batch layout of `all_tasks`."""
+    """One packer over the examples of `task_list`, with the batch layout of `all_tasks`."""
     images = per_image_dataset(
         source,
         config,
         train=train,
         process_index=process_index,
         process_count=process_count,
-        task_names=task_names,
+        task_list=task_list,
         stream=stream,
     )
     elements = images.to_iter_dataset(

@@ -2,7 +2,8 @@
 
 `python -m navit_seq.predict --workdir DIR --image PATH [--task all] [--output OUT]` restores
 DIR's latest checkpoint (the recipe is DIR/config.json, written by `navit_seq.main`), runs the
-chosen tasks on the image (`navit_seq.inference`) and saves OUT.png (boxes with class and
+chosen task of the recipe (with the tasks it needs, e.g. detection's boxes for segmentation)
+or all of them on the image (`navit_seq.inference`) and saves OUT.png (boxes with class and
 score, masks, keypoint skeletons and the caption drawn at the image's native resolution) and
 OUT.json (the predictions: normalized (y, x) coordinates, COCO RLE masks). `--image` may also
 be a folder: every image in it is predicted, into OUT/<name>.{png,json}.
@@ -31,7 +32,6 @@ from PIL import ExifTags, Image, ImageOps  # noqa: E402
 
 from navit_seq import cli  # noqa: E402
 
-TASKS = ("detection", "segmentation", "keypoints", "captioning")
 # Longest image side predicted and drawn: native for photos up to 2K; the model sees at most
 # data.eval_max_tokens patches (e.g. 100 of 16 px) whatever the size.
 MAX_SIDE = 2048
@@ -155,24 +155,26 @@ def predict(
     model: Any, config: ml_collections.ConfigDict, example: Mapping[str, Any], task: str
 ) -> dict[str, Any]:
     """The one call into `navit_seq.inference`: the example's predictions for `task` ("all":
-    every task of the recipe). Segmentation and keypoints also run detection: its boxes are
-    their prompts (and are kept in the prediction)."""
+    every task of the recipe). A task that needs another's output (segmentation and keypoints
+    need boxes) also runs the tasks that provide it; their predictions are kept."""
     from navit_seq import inference
     from navit_seq.data import mixing
+    from navit_seq.tasks.sequence import run_order, sequence_tasks
 
     trained = [name for name, _ in mixing.task_weights(config.data)]
-    wanted = trained if task == "all" else [task]
-    if task in ("segmentation", "keypoints") and "detection" in trained:
-        wanted = ["detection", task]
-    missing = sorted(set(wanted) - set(trained))
-    if missing:
+    if task != "all" and task not in trained:
         raise ValueError(
-            f"--task {task}: the recipe in the workdir trains {trained}, not {missing}; "
+            f"--task {task}: the recipe in the workdir trains {trained}, not {[task]}; "
             "pick one of those or --task all."
         )
-    config = ml_collections.ConfigDict(config.to_dict())  # a copy: the caller's stays as it is
-    config.data.tasks = tuple((name, 1.0) for name in wanted)
-    return inference.Predictor(config, model).predict([example])[0]
+    recipe_tasks = sequence_tasks(config.data)
+    wanted = {task} if task != "all" else set(trained)
+    given = set(inference.ground_truth_keys(inference.evaluation_options(config)))
+    for unit in reversed(run_order(recipe_tasks, ())):
+        if unit.name in wanted:  # reversed run order: a task before what it needs
+            wanted |= {t.name for t in recipe_tasks if set(t.provides) & (set(unit.needs) - given)}
+    selected = [unit for unit in recipe_tasks if unit.name in wanted]
+    return inference.Predictor(config, model, selected).predict([example])[0]
 
 
 def save_split_grid(
@@ -222,8 +224,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--image", required=True,
                         help="an image file (PNG, JPEG, ...) or a folder of them")  # fmt: skip
-    parser.add_argument("--task", default="all", choices=(*TASKS, "all"),
-                        help="which task to run (default: all four)")  # fmt: skip
+    parser.add_argument("--task", default="all",
+                        help="a task of the recipe, e.g. detection (default: all)")  # fmt: skip
     parser.add_argument("--output", default=None,
                         help="output path without extension (default: WORKDIR/predictions/"
                         "<image name>); writes OUTPUT.png and OUTPUT.json. For a folder of "

@@ -53,14 +53,6 @@ def recipe_and_model(scenes_data_dir):
     return config, sequence.model_fn(config)()
 
 
-def test_average_masks_keeps_pixels_set_in_at_least_half_the_samples():
-    rng = np.random.default_rng(0)
-    masks = rng.random((8, 5, 7)) < 0.5
-    expected = masks.sum(axis=0) * 2 >= 8
-    np.testing.assert_array_equal(inference.average_masks(masks), expected)
-    assert inference.average_masks(masks[:1]).sum() == masks[0].sum()
-
-
 def test_codec_grammars_allow_end_only_where_a_response_may_stop(recipe_and_model):
     """Detection decodes to the row's full length (every group a box, Pix2Seq's inference)."""
     from navit_seq.tasks.sequence import sequence_tasks
@@ -168,6 +160,17 @@ def test_training_logs_split_metrics_at_eval(scenes_data_dir, tmp_path):
         assert key in evaluation
 
 
+def task_named(predictor, name):
+    (task,) = [task for task in predictor.tasks if task.name == name]
+    return task
+
+
+def whole_image_views(examples, prompt_token):
+    from navit_seq.tasks.sequence import View
+
+    return [View(e["image"], np.array([[prompt_token]], np.int32)) for e in examples]
+
+
 def test_detection_scores_are_class_token_probabilities_of_a_full_recomputation(
     recipe_and_model,
 ):
@@ -180,29 +183,31 @@ def test_detection_scores_are_class_token_probabilities_of_a_full_recomputation(
     config, model = recipe_and_model
     predictor = inference.Predictor(config, model)
     examples = inference.evaluation_examples(config)[:2]
-    images = [predictor._image_tokens(e["image"], int(e["image_id"])) for e in examples]
-    found = predictor._detect(examples, images)
-    codec = predictor.tasks["detection"]
-    prompt = np.array([[Vocab.DETECTION_PROMPT]], np.int32)
-    predictor.calls = 0  # the same rng: the same samples
-    tokens, _ = predictor._generate(
-        [inference._Image(t, prompt) for t in images], 1, "detection",
-        inference._decode_config(codec.seq_len - 1, 1.0),
-    )  # fmt: skip
+    detection = task_named(predictor, "detection")
+    codec = detection.codec
+    views = whole_image_views(examples, Vocab.DETECTION_PROMPT)
+    tokens, probs = predictor.generate(detection, views)  # one call: both images packed
+    found = [
+        detection.predictions(e, [v], [t], [p], {})
+        for e, v, t, p in zip(examples, views, tokens, probs, strict=True)
+    ]
     batch = predictor.last_batch
-    rows = np.concatenate([np.full((len(images), 1), Vocab.DETECTION_PROMPT), tokens[:, 0]], 1)
     decoder_input = np.zeros(batch["row_slot"].shape + (codec.seq_len,), np.int32)
-    decoder_input[: len(images), 0] = rows[:, : codec.seq_len]
+    where = {}  # view -> (packed row, decoder row)
+    for view, _, b, r in predictor.last_rows:
+        row = np.concatenate([[Vocab.DETECTION_PROMPT], tokens[view][0]])
+        decoder_input[b, r] = row[: codec.seq_len]
+        where[view] = (b, r)
     logits = model({**batch, "decoder_input": jnp.asarray(decoder_input)}, deterministic=True)
-    logits = np.asarray(logits["logits"], np.float64)[: len(images), 0]  # [b, T, V]
+    logits = np.asarray(logits["logits"], np.float64)  # [B, R, T, V]
     for image, f in enumerate(found):
         expected = []
-        generated = tokens[image, 0]
+        generated = tokens[image][0]
         for group in range(len(generated) // 5):
             if generated[group * 5] == END:
                 break
             position = group * 5 + 4  # the class token, predicted from input position + 0
-            row_logits = logits[image, position]
+            row_logits = logits[(*where[image], position)]
             probs = np.exp(row_logits - row_logits.max())
             probs /= probs.sum()
             if codec.vocab.is_class(generated[position]):
@@ -235,23 +240,44 @@ def test_a_per_task_model_decodes_each_task_with_its_own_tensor(scenes_data_dir)
     model = sequence.model_fn(config)()
     predictor = inference.Predictor(config, model)
     examples = inference.evaluation_examples(config)[:2]
-    images = [predictor._image_tokens(e["image"], int(e["image_id"])) for e in examples]
-    codec = predictor.tasks["captioning"]
-    prompt = np.array([[codec.vocab.CAPTION_PROMPT]], np.int32)  # [1, P]
+    captioning = task_named(predictor, "captioning")
+    views = whole_image_views(examples, captioning.vocab.CAPTION_PROMPT)
+    ids = {task.name: task.task_id for task in predictor.tasks}
 
     def caption_probs():
-        predictor.calls = 0  # the same rng
-        config = inference._decode_config(8, 0.0)
-        return predictor._generate([inference._Image(t, prompt) for t in images], 1,
-                                   "captioning", config)[1]  # fmt: skip
+        return np.stack([p[0] for p in predictor.generate(captioning, views)[1]])  # greedy
 
     before = caption_probs()
-    assert (np.asarray(predictor.last_batch["task_id"]) == predictor.task_ids["captioning"]).all()
+    batch = predictor.last_batch
+    valid = np.asarray(batch["example_valid"])  # the images' slots (empty slots read none)
+    assert (np.asarray(batch["task_id"])[valid] == ids["captioning"]).all()
     table = model.decoder.implicit_refinement.vector
     rows = np.array(table[...])
-    rows[predictor.task_ids["detection"]] += 1.0
+    rows[ids["detection"]] += 1.0
     table[...] = jnp.asarray(rows)
     np.testing.assert_array_equal(caption_probs(), before)
-    rows[predictor.task_ids["captioning"]] += 1.0
+    rows[ids["captioning"]] += 1.0
     table[...] = jnp.asarray(rows)
     assert not np.allclose(caption_probs(), before)
+
+
+def test_images_packed_several_per_row_decode_as_each_image_alone(scenes_data_dir):
+    """Packing (three images in one packed row, their rows in one decoder call) changes no
+    greedy output: each row reads only its own image (architecture.md §9)."""
+    from navit_seq.tasks.vocab import Vocab
+    from navit_seq.train import sequence
+
+    config = tiny_recipe(scenes_data_dir)
+    config.data.seq_len = 3 * config.data.eval_max_tokens  # room for three images per row
+    model = sequence.model_fn(config)()
+    predictor = inference.Predictor(config, model)
+    examples = inference.evaluation_examples(config)
+    captioning = task_named(predictor, "captioning")  # greedy
+    views = whole_image_views(examples, Vocab.CAPTION_PROMPT)
+    packed_tokens, packed_probs = predictor.generate(captioning, views)
+    assert len({b for _, _, b, _ in predictor.last_rows}) == 1  # all three in one packed row
+    assert sorted(np.asarray(predictor.last_batch["example_valid"]).sum(axis=1))[-1] == 3
+    for view, tokens, probs in zip(views, packed_tokens, packed_probs, strict=True):
+        alone_tokens, alone_probs = predictor.generate(captioning, [view])
+        np.testing.assert_array_equal(tokens, alone_tokens[0])
+        np.testing.assert_allclose(probs, alone_probs[0], rtol=1e-4, atol=1e-6)

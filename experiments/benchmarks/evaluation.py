@@ -9,7 +9,7 @@ first `num_images` evaluation images, once per `images_per_batch` value, after a
 workdir's latest checkpoint, or freshly initialised parameters without --workdir: an untrained
 model decodes every row to its full length, which is the slowest case (detection and captions
 never stop early; segmentation and keypoints get the most boxes). Prints one line per setting
-and one JSON line last.
+(time and the task metrics) and one JSON line last.
 """
 
 import json
@@ -30,13 +30,17 @@ from navit_seq.train import loop  # noqa: E402
 NUM_IMAGES = flags.DEFINE_integer("num_images", 100, "evaluation images timed")
 IMAGES_PER_BATCH = flags.DEFINE_list("images_per_batch", ["4", "16", "32"], "settings timed")
 WARMUP_IMAGES = 4
+# Printed with each time, so two runs (e.g. before and after a change) compare their outputs too.
+TASK_METRICS = ("bbox_AP", "bbox_AP50", "segm_AP", "keypoints_AP", "caption_BLEU4", "caption_CIDEr")
 
 
 def _model(config):
     trainer = loop.Trainer(config, main_lib.objective_for(config))
     workdir = flags.FLAGS.workdir
     if workdir:
-        checkpointer = checkpoint_lib.Checkpointer(epath.Path(workdir) / "checkpoints", 0)
+        checkpointer = checkpoint_lib.Checkpointer(
+            epath.Path(workdir) / "checkpoints", every_steps=0
+        )
         step, state = checkpointer.restore_state(None, trainer.abstract_state)
         checkpointer.close()
     else:
@@ -64,7 +68,7 @@ def main(argv):
             "images_per_batch": images_per_batch,
             "seconds": round(seconds, 1),
             "images_per_s": round(NUM_IMAGES.value / seconds, 2),
-            "bbox_AP": round(float(metrics.get("bbox_AP", 0.0)), 4),
+            **{key: round(float(metrics[key]), 4) for key in TASK_METRICS if key in metrics},
         }
         print(row, flush=True)
         results.append(row)

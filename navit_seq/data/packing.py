@@ -90,6 +90,136 @@ def ragged_stat_keys(specs: Sequence[RaggedSpec]) -> tuple[str, ...]:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one image goes in a batch: row, slot, first token and first entry of each group."""
+
+    element: dict  # the per-image element (architecture.md §2)
+    row: int
+    slot: int  # segment id - 1
+    offset: int  # first token in the row
+    patches: np.ndarray  # [n, P*P*C] the tokens placed (after dropping)
+    patch_coords: np.ndarray  # [n, 2]
+    ragged_offsets: dict[str, int]  # group name -> first entry in the row
+
+
+class RowPacker:
+    """First-fit placement of images into the rows of one batch: an image goes into the first
+    of `batch_size` rows with room for its tokens, a free slot (at most `examples_per_row`)
+    and every ragged group's entries. Training (`PackIterator`) and inference share it."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        seq_len: int,
+        examples_per_row: int,
+        ragged_specs: Sequence[RaggedSpec] = (),
+    ):
+        self.seq_len = seq_len
+        self.examples_per_row = examples_per_row
+        self.ragged_specs = tuple(ragged_specs)
+        self.rows_used = np.zeros(batch_size, np.int64)  # tokens taken in each row
+        self.rows_examples = np.zeros(batch_size, np.int64)  # images in each row
+        self.ragged_used = {r.name: np.zeros(batch_size, np.int64) for r in self.ragged_specs}
+        self.placements: list[Placement] = []
+
+    def place(self, element: dict, patches: np.ndarray, patch_coords: np.ndarray) -> bool:
+        """Places `element` with these tokens (its own, or what token dropping kept); False
+        when no row has room."""
+        num_tokens = patches.shape[0]
+        if num_tokens > self.seq_len:
+            raise ValueError(
+                f"Example {element['example_id']} has {num_tokens} tokens > seq_len="
+                f"{self.seq_len}; resize images to the token budget before packing."
+            )
+        fits = (self.rows_used + num_tokens <= self.seq_len) & (
+            self.rows_examples < self.examples_per_row
+        )
+        for ragged in self.ragged_specs:
+            fits &= self.ragged_used[ragged.name] + _num_entries(element, ragged) <= ragged.capacity
+        if not fits.any():
+            return False
+        row = int(np.argmax(fits))  # first fit
+        offsets = {name: int(used[row]) for name, used in self.ragged_used.items()}
+        self.placements.append(
+            Placement(
+                element,
+                row,
+                int(self.rows_examples[row]),
+                int(self.rows_used[row]),
+                patches,
+                patch_coords,
+                offsets,
+            )
+        )
+        self.rows_used[row] += num_tokens
+        self.rows_examples[row] += 1
+        for ragged in self.ragged_specs:
+            self.ragged_used[ragged.name][row] += _num_entries(element, ragged)
+        return True
+
+    def full(self) -> bool:
+        """Every row is out of tokens or slots."""
+        return bool(
+            np.all((self.rows_used >= self.seq_len) | (self.rows_examples >= self.examples_per_row))
+        )
+
+
+def assemble(
+    placements: Sequence[Placement],
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_examples_per_seq: int,
+    patch_dim: int,
+    target_spec: dict[str, tuple[tuple[int, ...], Any]],
+    ragged_specs: Sequence[RaggedSpec] = (),
+) -> dict[str, Any]:
+    """The packed batch of architecture.md §3 holding `placements` (one numpy copy per image,
+    no per-patch loop); shapes depend only on the arguments."""
+    b, length, slots = batch_size, seq_len, max_examples_per_seq
+    batch = {
+        "patches": np.zeros((b, length, patch_dim), np.uint8),  # [B, L, P*P*C]
+        "segment_ids": np.zeros((b, length), np.int32),  # [B, L]
+        "patch_coords": np.zeros((b, length, 2), np.int32),  # [B, L, 2]
+        "image_grid": np.zeros((b, slots, 2), np.int32),  # [B, E_max, 2]
+        "image_size": np.zeros((b, slots, 2), np.int32),  # [B, E_max, 2]
+        "original_size": np.zeros((b, slots, 2), np.int32),  # [B, E_max, 2]
+        "example_valid": np.zeros((b, slots), bool),  # [B, E_max]
+        "example_id": np.full((b, slots), -1, np.int64),  # [B, E_max]
+        "task_id": np.zeros((b, slots), np.int32),  # [B, E_max]
+        "targets": {
+            name: np.zeros((b, slots, *shape), dtype)  # [B, E_max, ...]
+            for name, (shape, dtype) in target_spec.items()
+        },
+    }
+    for ragged in ragged_specs:
+        for key, (shape, dtype) in ragged.fields.items():
+            batch[key] = np.zeros((b, ragged.capacity, *shape), dtype)  # [B, capacity, ...]
+        batch[ragged.slot_key] = np.full(  # [B, capacity]
+            (b, ragged.capacity), ragged.slot_offset - 1, np.int32
+        )
+    for placed in placements:
+        element, row, slot = placed.element, placed.row, placed.slot
+        end = placed.offset + placed.patches.shape[0]
+        batch["patches"][row, placed.offset : end] = placed.patches
+        batch["segment_ids"][row, placed.offset : end] = slot + 1
+        batch["patch_coords"][row, placed.offset : end] = placed.patch_coords
+        for key in ("image_grid", "image_size", "original_size", "example_id", "task_id"):
+            batch[key][row, slot] = element[key]
+        batch["example_valid"][row, slot] = True
+        for name, target in element["targets"].items():
+            batch["targets"][name][row, slot] = target
+        for ragged in ragged_specs:
+            group = element["ragged"].get(ragged.name, {})
+            start = placed.ragged_offsets[ragged.name]
+            stop = start + _num_entries(element, ragged)
+            for key in ragged.fields:
+                batch[key][row, start:stop] = group[key]
+            batch[ragged.slot_key][row, start:stop] = slot + ragged.slot_offset
+    return batch
+
+
 class PackIterDataset(grain.IterDataset):
     """Packs per-image elements (architecture.md §2) into batches (architecture.md §3)."""
 
@@ -154,45 +284,13 @@ class PackIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, Any]:
         spec = self._spec
-        rows_used = np.zeros(spec.batch_size, np.int64)  # tokens taken in each row
-        rows_examples = np.zeros(spec.batch_size, np.int64)  # images in each row
-        # Entries taken in each row, per ragged group.
-        ragged_used = {r.name: np.zeros(spec.batch_size, np.int64) for r in spec.ragged_specs}
-        placements = []  # (element, row, slot, offset, patches, patch_coords, ragged offsets)
+        packer = RowPacker(spec.batch_size, spec.seq_len, spec.examples_per_row, spec.ragged_specs)
 
         def place(element: dict) -> bool:
-            patches, patch_coords = self._dropped_tokens(element)
-            num_tokens = patches.shape[0]
-            if num_tokens > spec.seq_len:
-                raise ValueError(
-                    f"Example {element['example_id']} has {num_tokens} tokens > seq_len="
-                    f"{spec.seq_len}; resize images to the token budget before packing."
-                )
-            fits = (rows_used + num_tokens <= spec.seq_len) & (
-                rows_examples < spec.examples_per_row
-            )
-            for ragged in spec.ragged_specs:
-                fits &= ragged_used[ragged.name] + _num_entries(element, ragged) <= ragged.capacity
-            if not fits.any():
-                return False
-            row = int(np.argmax(fits))  # first fit
-            offsets = {name: int(used[row]) for name, used in ragged_used.items()}
-            placements.append(
-                (element, row, rows_examples[row], rows_used[row], patches, patch_coords, offsets)
-            )
-            rows_used[row] += num_tokens
-            rows_examples[row] += 1
-            for ragged in spec.ragged_specs:
-                ragged_used[ragged.name][row] += _num_entries(element, ragged)
-            return True
-
-        def batch_full() -> bool:
-            return bool(
-                np.all((rows_used >= spec.seq_len) | (rows_examples >= spec.examples_per_row))
-            )
+            return packer.place(element, *self._dropped_tokens(element))
 
         waiting = [element for element in self._buffer if not place(element)]
-        while len(waiting) < spec.buffer_size and not self._parent_exhausted and not batch_full():
+        while len(waiting) < spec.buffer_size and not self._parent_exhausted and not packer.full():
             try:
                 element = next(self._parent)
             except StopIteration:
@@ -204,10 +302,18 @@ class PackIterator(grain.DatasetIterator):
                 self.stats[key] = self.stats.get(key, 0) + int(count)
             waiting.extend(image for image in images if not place(image))
         self._buffer = waiting
-        if not placements:
+        if not packer.placements:
             raise StopIteration
-        batch = self._assemble(placements)
-        self._update_stats(placements, rows_used, rows_examples)
+        batch = assemble(
+            packer.placements,
+            batch_size=spec.batch_size,
+            seq_len=spec.seq_len,
+            max_examples_per_seq=spec.max_examples_per_seq,
+            patch_dim=spec.patch_dim,
+            target_spec=spec.target_spec,
+            ragged_specs=spec.ragged_specs,
+        )
+        self._update_stats(packer.placements, packer.rows_used, packer.rows_examples)
         self._batches_emitted += 1
         return batch
 
@@ -255,50 +361,6 @@ class PackIterator(grain.DatasetIterator):
         rate = token_drop.sample_drop_rate(config, patches.shape[0], step, rng)
         return token_drop.drop_tokens(patches, patch_coords, rate, rng)
 
-    def _assemble(self, placements: list) -> dict[str, Any]:
-        """Copy each placed image into its row (one numpy copy per image, no per-patch loop)."""
-        spec = self._spec
-        b, length, slots = spec.batch_size, spec.seq_len, spec.max_examples_per_seq
-        batch = {
-            "patches": np.zeros((b, length, spec.patch_dim), np.uint8),  # [B, L, P*P*C]
-            "segment_ids": np.zeros((b, length), np.int32),  # [B, L]
-            "patch_coords": np.zeros((b, length, 2), np.int32),  # [B, L, 2]
-            "image_grid": np.zeros((b, slots, 2), np.int32),  # [B, E_max, 2]
-            "image_size": np.zeros((b, slots, 2), np.int32),  # [B, E_max, 2]
-            "original_size": np.zeros((b, slots, 2), np.int32),  # [B, E_max, 2]
-            "example_valid": np.zeros((b, slots), bool),  # [B, E_max]
-            "example_id": np.full((b, slots), -1, np.int64),  # [B, E_max]
-            "task_id": np.zeros((b, slots), np.int32),  # [B, E_max]
-            "targets": {
-                name: np.zeros((b, slots, *shape), dtype)  # [B, E_max, ...]
-                for name, (shape, dtype) in spec.target_spec.items()
-            },
-        }
-        for ragged in spec.ragged_specs:
-            for key, (shape, dtype) in ragged.fields.items():
-                batch[key] = np.zeros((b, ragged.capacity, *shape), dtype)  # [B, capacity, ...]
-            batch[ragged.slot_key] = np.full(  # [B, capacity]
-                (b, ragged.capacity), ragged.slot_offset - 1, np.int32
-            )
-        for element, row, slot, offset, patches, patch_coords, offsets in placements:
-            end = offset + patches.shape[0]
-            batch["patches"][row, offset:end] = patches
-            batch["segment_ids"][row, offset:end] = slot + 1
-            batch["patch_coords"][row, offset:end] = patch_coords
-            for key in ("image_grid", "image_size", "original_size", "example_id", "task_id"):
-                batch[key][row, slot] = element[key]
-            batch["example_valid"][row, slot] = True
-            for name, target in element["targets"].items():
-                batch["targets"][name][row, slot] = target
-            for ragged in spec.ragged_specs:
-                group = element["ragged"].get(ragged.name, {})
-                start = offsets[ragged.name]
-                stop = start + _num_entries(element, ragged)
-                for key in ragged.fields:
-                    batch[key][row, start:stop] = group[key]
-                batch[ragged.slot_key][row, start:stop] = slot + ragged.slot_offset
-        return batch
-
     def _update_stats(
         self, placements: list, rows_used: np.ndarray, rows_examples: np.ndarray
     ) -> None:
@@ -312,8 +374,9 @@ class PackIterator(grain.DatasetIterator):
         if nonempty.size:
             stats["images_per_seq_min"] = min(stats["images_per_seq_min"], int(nonempty.min()))
             stats["images_per_seq_max"] = max(stats["images_per_seq_max"], int(nonempty.max()))
-        for element, _, _, _, patches, _, _ in placements:
-            stats["tokens_dropped"] += int(element["patches"].shape[0] - patches.shape[0])
+        for placed in placements:
+            element = placed.element
+            stats["tokens_dropped"] += int(element["patches"].shape[0] - placed.patches.shape[0])
             stats["tokens_before_drop"] += int(element["patches"].shape[0])
             for ragged in spec.ragged_specs:
                 stats[f"{ragged.name}_packed"] += _num_entries(element, ragged)

@@ -179,11 +179,16 @@ def results(
     return out
 
 
-def evaluate(coco: COCO, result_lists: Mapping[str, list[dict[str, Any]]]) -> dict[str, float]:
-    """COCOeval per kind -> {bbox_AP, bbox_AP50, bbox_AP75, segm_AP, ..., keypoints_AP, ...}
-    in [0, 1] plus `<kind>_num_predictions`, `<kind>_num_gt` (see the module docstring)."""
+def evaluate(
+    coco: COCO,
+    result_lists: Mapping[str, list[dict[str, Any]]],
+    kinds: Sequence[str] = IOU_TYPES,
+) -> dict[str, float]:
+    """COCOeval per kind of `kinds` -> {bbox_AP, bbox_AP50, bbox_AP75, segm_AP, ...,
+    keypoints_AP, ...} in [0, 1] plus `<kind>_num_predictions`, `<kind>_num_gt` (see the
+    module docstring)."""
     metrics: dict[str, float] = {}
-    for kind in IOU_TYPES:
+    for kind in kinds:
         detections = list(result_lists.get(kind, []))
         category_ids = _categories_with_gt(coco, kind)
         metrics[f"{kind}_num_predictions"] = float(len(detections))
@@ -217,7 +222,8 @@ def coco_metrics(
     examples: Iterable[Mapping[str, Any]],
     predictions: Iterable[Mapping[str, Any]],
     class_names: Sequence[str] | None = None,
+    kinds: Sequence[str] = IOU_TYPES,
 ) -> dict[str, float]:
     """Ground truth of `examples` + per-image `predictions` -> `evaluate`'s metrics."""
     coco, category_of, _ = ground_truth(examples, class_names)
-    return evaluate(coco, results(predictions, coco, category_of))
+    return evaluate(coco, results(predictions, coco, category_of), kinds)

@@ -1,11 +1,12 @@
 """Task encoders: each turns a decoded example into per-example targets (and ragged groups).
 
-The pipeline, model and trainers only ever call `get_task(config)` and the `Task` interface, so
-adding a task is one module plus one line in `_TASKS`; nothing else branches on a task name.
+The pipeline, model, trainers and inference only ever call `get_task(config)` and the `Task`
+interface (sequence tasks: `navit_seq.tasks.sequence.SequenceTask`), so adding a task is one
+module that calls `register` plus a recipe naming it; nothing else branches on a task name.
 Each task also declares the annotations it learns from (`Task.annotations`), so the commands
 can check a dataset against a recipe before training (`navit_seq.pipeline.dataset_problems`).
 Task ids: 0 classification, 1 detection, 2 segmentation, 3 keypoints, 4 captioning (the
-Pix2Seq-v2 codecs, through `navit_seq.tasks.sequence`), 5 image_text (contrastive captions).
+Pix2Seq-v2 tasks, `navit_seq.tasks.sequence`), 5 image_text (contrastive captions).
 """
 
 import dataclasses
@@ -20,15 +21,28 @@ import numpy as np
 # (navit_seq.models.implicit). Raise it with a new task's id; a saved model keeps its own count.
 NUM_TASK_IDS = 6
 
-# name -> (module, class). Imported lazily so a task's dependencies load only when it is used.
-_TASKS = {
-    "classification": ("navit_seq.tasks.classification", "ClassificationTask"),
-    "detection": ("navit_seq.tasks.sequence", "detection"),
-    "segmentation": ("navit_seq.tasks.sequence", "segmentation"),
-    "keypoints": ("navit_seq.tasks.sequence", "keypoints"),
-    "captioning": ("navit_seq.tasks.sequence", "captioning"),
-    "image_text": ("navit_seq.tasks.image_text", "from_config"),
+# The built-in tasks' modules, imported on first use so a task's dependencies (pycocotools,
+# SentencePiece) load only when a recipe names it; importing one registers its task.
+_BUILT_IN = {
+    "classification": "navit_seq.tasks.classification",
+    "detection": "navit_seq.tasks.detection",
+    "segmentation": "navit_seq.tasks.segmentation",
+    "keypoints": "navit_seq.tasks.keypoints",
+    "captioning": "navit_seq.tasks.captioning",
+    "image_text": "navit_seq.tasks.image_text",
 }
+_FACTORIES: dict[str, Callable[[ml_collections.ConfigDict], "Task"]] = {}
+
+
+def register(name: str):
+    """Decorator: `factory(config) -> Task` builds the task `name` from `data.task` (its
+    options). A module in `tasks/` (or a test) registers its task; recipes then name it."""
+
+    def decorate(factory: Callable[[ml_collections.ConfigDict], "Task"]):
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,14 +78,26 @@ class Task(Protocol):
         caption tokens), returned by `encode` under each spec's name; () when there are none.
         Capacities come from `data_config` (e.g. `max_rows_per_seq`)."""
 
+    def views(self, image: np.ndarray, targets: dict) -> list[tuple[np.ndarray, dict]]:
+        """The packed images an encoded example becomes: (pixels [h, w, C], their targets)
+        each. Most tasks show the whole image with all targets (`whole_image`); keypoints
+        show one crop per person with that person's row; none: the example gives no image."""
+
+
+def whole_image(image: np.ndarray, targets: dict) -> list[tuple[np.ndarray, dict]]:
+    """`Task.views` of a task that reads the whole image."""
+    return [(image, targets)]
+
 
 def get_task(config: ml_collections.ConfigDict) -> Task:
     """The task named `config.name`, built from the rest of `config` (its options; the sequence
     tasks' fields are listed in `navit_seq.tasks.sequence`)."""
-    if config.name not in _TASKS:
-        raise ValueError(f"data.task.name={config.name!r}; registered tasks: {list(_TASKS)}.")
-    module_name, class_name = _TASKS[config.name]
-    return getattr(importlib.import_module(module_name), class_name)(config)
+    if config.name not in _FACTORIES and config.name in _BUILT_IN:
+        importlib.import_module(_BUILT_IN[config.name])  # registers it
+    if config.name not in _FACTORIES:
+        names = list(dict.fromkeys([*_BUILT_IN, *_FACTORIES]))
+        raise ValueError(f"data.task.name={config.name!r}; registered tasks: {names}.")
+    return _FACTORIES[config.name](config)
 
 
 def task_config(data_config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -92,6 +118,13 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
             f"data.task.num_classes={config.get('num_classes')} and no dataset to read the "
             "classes from; set data.task.num_classes."
         )
+    return len(class_names(config))
+
+
+def class_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The class names of the dataset `config.dataset` ([] when the config names none)."""
+    if not config.get("dataset"):
+        return []
     from navit_seq.data import sources  # TFDS import only when a dataset is read
 
-    return len(sources.class_names(config.dataset, data_dir=config.data_dir))
+    return sources.class_names(config.dataset, data_dir=config.data_dir)

@@ -3,13 +3,26 @@
 Text ids t become tokens `vocab.text_offset + t`; END weighs `end_weight` (0.1 in Pix2Seq v2).
 One row per image, [1, T]: a random caption when training, the first one otherwise; an image
 without a usable caption gives no row ([0, T]) and is counted.
+
+The task unit (`Captioning`, registered as "captioning"): at inference one [cap] row per image,
+greedy (`evaluation.captioning_top_p`, absent: 0); feeds BLEU-4 and CIDEr.
 """
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
+import ml_collections
 import numpy as np
 
+from navit_seq import tasks
+from navit_seq.tasks.sequence import (
+    CodecTask,
+    View,
+    task_options,
+    tokenizer_path,
+    vocab_from_config,
+)
 from navit_seq.tasks.vocab import END, Vocab, build_row, response_until_end, stack_rows
 
 
@@ -100,3 +113,53 @@ class CaptioningTask:
 def _as_text(caption: str | bytes) -> str:
     """TFDS gives Text features as bytes; tests and users may pass str."""
     return caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+
+
+def has_caption(example: Mapping[str, Any]) -> bool:
+    """A caption that is not blank."""
+    captions = np.asarray(example["captions"], object).reshape(-1)
+    return any(_as_text(caption).strip() for caption in captions)
+
+
+CAPTIONS = tasks.Annotations("captions (a COCO-format export's captions_<split>.json)", has_caption)
+
+
+@dataclasses.dataclass(frozen=True)
+class Captioning(CodecTask):
+    """Captioning as one unit (module docstring); `codec` is a `CaptioningTask`."""
+
+    name: ClassVar[str] = "captioning"
+    task_id: ClassVar[int] = 4
+    annotations: ClassVar[tasks.Annotations] = CAPTIONS
+    metric: ClassVar[str] = "caption"
+
+    def prompts(self, example, image, given, options) -> list[View]:
+        del example, given, options
+        return [View(image, np.array([[Vocab.CAPTION_PROMPT]], np.int32))]
+
+    def predictions(
+        self,
+        example: Mapping[str, Any],
+        views: Sequence[View],
+        tokens: Sequence[np.ndarray],
+        probs: Sequence[np.ndarray],
+        given: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        del example, views, probs, given
+        return {"caption": self.codec.decode(tokens[0][0])[0]}
+
+
+@tasks.register("captioning")
+def from_config(config: ml_collections.ConfigDict) -> Captioning:
+    from navit_seq.data.text import Tokenizer  # SentencePiece loads only for text tasks
+
+    path = tokenizer_path(config)
+    if path is None:
+        raise ValueError(
+            "captioning needs a tokenizer: set data.task.tokenizer to a SentencePiece .model "
+            "file, or use a dataset built with one (its sentencepiece.model)."
+        )
+    codec = CaptioningTask(
+        vocab_from_config(config), Tokenizer(path), **task_options(config, CaptioningTask)
+    )
+    return Captioning(codec)

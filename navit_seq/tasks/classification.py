@@ -10,7 +10,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from navit_seq.tasks import Annotations, num_classes
+from navit_seq.tasks import Annotations, num_classes, register, whole_image
 
 
 def has_labels(example: Mapping[str, Any]) -> bool:
@@ -18,6 +18,7 @@ def has_labels(example: Mapping[str, Any]) -> bool:
     return len(np.asarray(example["objects"]["label"]).reshape(-1)) > 0
 
 
+@register("classification")
 class ClassificationTask:
     """`targets/labels` float32 [num_classes]: 1 for every class with at least one object."""
 
@@ -55,6 +56,9 @@ class ClassificationTask:
     def ragged_specs(self, data_config: ml_collections.ConfigDict) -> tuple:
         del data_config
         return ()  # fixed-shape targets only
+
+    def views(self, image: np.ndarray, targets: dict) -> list[tuple[np.ndarray, dict]]:
+        return whole_image(image, targets)
 
     def target_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return {"labels": ((self.num_classes,), np.dtype(np.float32))}

@@ -1,5 +1,10 @@
 """Object detection as a token sequence: [det] then (ymin xmin ymax xmax class) per object.
 
+The task unit (`Detection`, registered as "detection"): the codec below for training rows; at
+inference one [det] row per image, decoded to its full length under the codec's grammar, every
+group a box scored by its class token's probability (Pix2Seq's reference inference), sorted by
+score. Provides "boxes" (what segmentation and keypoints are prompted with); feeds COCO bbox AP.
+
 Training follows Pix2Seq (Chen et al. 2022): objects in `object_order` (random by default);
 the sequence is filled up to `max_objects` with noise objects labelled FAKE (jittered
 duplicates of real boxes, real boxes shifted to a random centre, random boxes) whose
@@ -8,10 +13,14 @@ tokens are corrupted. END weighs `end_weight`. One row per image: arrays [1, T].
 """
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import ml_collections
 import numpy as np
 
+from navit_seq import tasks
+from navit_seq.tasks.sequence import BOXES, CodecTask, View, task_options, vocab_from_config
 from navit_seq.tasks.vocab import Vocab, build_row, response_until_end, stack_rows
 
 TOKENS_PER_OBJECT = 5  # ymin xmin ymax xmax class
@@ -258,3 +267,53 @@ def _truncated_normal(rng: np.random.Generator, shape: tuple[int, ...], std: flo
         values[outside] = rng.normal(0.0, std, int(outside.sum()))
         outside = np.abs(values) > 2 * std
     return values
+
+
+def has_boxes(example: Mapping[str, Any]) -> bool:
+    """An object that is not a crowd region (detection rows hold those)."""
+    is_crowd = np.asarray(example["objects"]["is_crowd"], bool).reshape(-1)
+    return bool((~is_crowd).any())
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection(CodecTask):
+    """Detection as one unit (module docstring); `codec` is a `DetectionTask`."""
+
+    name: ClassVar[str] = "detection"
+    task_id: ClassVar[int] = 1
+    annotations: ClassVar[tasks.Annotations] = tasks.Annotations(
+        "object boxes (objects/bbox of non-crowd objects; a COCO-format export's "
+        "instances_<split>.json)",
+        has_boxes,
+    )
+    metric: ClassVar[str] = "bbox"
+    provides: ClassVar[tuple[str, ...]] = (BOXES,)
+
+    def prompts(self, example, image, given, options) -> list[View]:
+        del example, given, options
+        return [View(image, np.array([[Vocab.DETECTION_PROMPT]], np.int32))]
+
+    def predictions(
+        self,
+        example: Mapping[str, Any],
+        views: Sequence[View],
+        tokens: Sequence[np.ndarray],
+        probs: Sequence[np.ndarray],
+        given: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """boxes [N, 4], labels [N], scores [N] (class-token probability), best first."""
+        del example, views, given
+        decoded, _ = self.codec.decode(tokens[0][0], probs[0][0])
+        order = np.argsort(-decoded["score"], kind="stable")
+        return {
+            "boxes": decoded["bbox"][order],
+            "labels": decoded["label"][order],
+            "scores": decoded["score"][order],
+        }
+
+
+@tasks.register("detection")
+def from_config(config: ml_collections.ConfigDict) -> Detection:
+    return Detection(
+        DetectionTask(vocab_from_config(config), **task_options(config, DetectionTask))
+    )

@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 
 from navit_seq.data.packing import RaggedSpec
-from navit_seq.tasks import Annotations
-from navit_seq.tasks.captioning import TextTokenizer, _as_text
-from navit_seq.tasks.sequence import CAPTIONS, tokenizer_path
+from navit_seq.tasks import Annotations, register, whole_image
+from navit_seq.tasks.captioning import CAPTIONS, TextTokenizer, _as_text
+from navit_seq.tasks.sequence import tokenizer_path
 
 TEXT = "text"  # name of the ragged group (packing.RaggedSpec)
 
@@ -80,7 +80,11 @@ class ImageTextTask:
     def ragged_specs(self, data_config: ml_collections.ConfigDict) -> tuple[RaggedSpec, ...]:
         return (text_spec(data_config.text_seq_len),)
 
+    def views(self, image: np.ndarray, targets: dict) -> list[tuple[np.ndarray, dict]]:
+        return whole_image(image, targets)
 
+
+@register("image_text")
 def from_config(config: ml_collections.ConfigDict) -> ImageTextTask:
     """`data.task` fields: `tokenizer` (path; "": the dataset's), `max_text_len`."""
     from navit_seq.data.text import Tokenizer

@@ -6,13 +6,33 @@ crop's normalized coordinates: prompt [kp y0 x0 y1 x1 class], response 17 (y x) 
 order, an unlabelled point (v = 0) as INVISIBLE INVISIBLE weighing `invisible_weight`, then END
 (`end_weight`). Rows are [R, T] with `crop_box [R, 4]` (normalized in the image) telling the
 pipeline which pixels each row sees; decode maps points back to image coordinates.
+
+The task unit (`Keypoints`, registered as "keypoints") makes those crops itself (`views`): in
+training one packed image per person with its row; at inference it needs "boxes" and gives
+each of the first `evaluation.max_instances` boxes of a class in `evaluation.keypoint_classes`
+one crop and one row, 17 coordinate pairs decoded with INVISIBLE masked out (the model's best
+coordinate guess). Feeds COCO keypoints AP.
 """
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import ml_collections
 import numpy as np
 
+from navit_seq import tasks
+from navit_seq.tasks.sequence import (
+    BOXES,
+    CROP_BOX,
+    DECODER_ROWS,
+    CodecTask,
+    DecodeSettings,
+    View,
+    decoder_rows,
+    task_options,
+    vocab_from_config,
+)
 from navit_seq.tasks.vocab import Vocab, build_row, response_until_end, stack_rows
 
 NUM_KEYPOINTS = 17  # COCO person keypoints (navit_seq.data.features.KEYPOINT_NAMES)
@@ -182,3 +202,100 @@ def _to_crop(points: np.ndarray, crop_box: np.ndarray) -> np.ndarray:
     """(y, x) points [..., 2] normalized in the image -> normalized in the crop."""
     crop_box = np.asarray(crop_box, np.float64)
     return (np.asarray(points, np.float64) - crop_box[:2]) / (crop_box[2:] - crop_box[:2])
+
+
+def has_keypoints(example: Mapping[str, Any]) -> bool:
+    """An object with a labelled keypoint."""
+    return bool((np.asarray(example["objects"]["num_keypoints"]).reshape(-1) > 0).any())
+
+
+@dataclasses.dataclass(frozen=True)
+class Keypoints(CodecTask):
+    """Keypoints as one unit (module docstring); `codec` is a `KeypointTask`."""
+
+    class_names: tuple[str, ...] = ()  # the dataset's (for evaluation.keypoint_classes)
+
+    name: ClassVar[str] = "keypoints"
+    task_id: ClassVar[int] = 3
+    annotations: ClassVar[tasks.Annotations] = tasks.Annotations(
+        "person keypoints (objects/num_keypoints > 0; a COCO-format export's "
+        "person_keypoints_<split>.json)",
+        has_keypoints,
+    )
+    metric: ClassVar[str] = "keypoints"
+    needs: ClassVar[tuple[str, ...]] = (BOXES,)
+
+    def encode(
+        self, example: dict, *, training: bool, rng: np.random.Generator
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        """Like every codec task, plus each row's crop box [R, 4] for `views`."""
+        rows, stats = self.codec.encode(example, training=training, rng=rng)
+        group = {**decoder_rows(rows, self.prompt_length), CROP_BOX: rows["crop_box"]}
+        counts = {f"{self.name}/{key}": value for key, value in stats.items()}
+        return {DECODER_ROWS: group}, counts
+
+    def views(self, image: np.ndarray, targets: dict[str, Any]) -> list[tuple[np.ndarray, dict]]:
+        """One crop per row, holding that row; no row gives no image."""
+        group = dict(targets[DECODER_ROWS])
+        crops = group.pop(CROP_BOX)  # [R, 4]
+        return [
+            (
+                crop_image(image, crop),
+                {
+                    **targets,
+                    CROP_BOX: np.asarray(crop, np.float32),
+                    DECODER_ROWS: {key: value[row : row + 1] for key, value in group.items()},
+                },
+            )
+            for row, crop in enumerate(crops)
+        ]
+
+    def decode_settings(self, options: ml_collections.ConfigDict) -> DecodeSettings:
+        return DecodeSettings(RESPONSE_LENGTH, float(options.get("keypoints_top_p", 0.0)))
+
+    def prompts(self, example, image, given, options) -> list[View]:
+        """One view per box of a keypoint class: its crop, one row."""
+        del example
+        wanted = {
+            self.class_names.index(n) for n in options.keypoint_classes if n in self.class_names
+        }
+        views = []
+        for index in range(min(len(given["labels"]), options.max_instances)):
+            box, label = given["boxes"][index], int(given["labels"][index])
+            if label in wanted:
+                crop = self.codec.crop_box(box, image.shape[:2])
+                prompt = self.codec.prompt(box, label, crop)[None]  # [1, 6]
+                views.append(View(crop_image(image, crop), prompt, context=(index, crop)))
+        return views
+
+    def predictions(
+        self,
+        example: Mapping[str, Any],
+        views: Sequence[View],
+        tokens: Sequence[np.ndarray],
+        probs: Sequence[np.ndarray],
+        given: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """keypoints [N, 17, 3] (y, x, v) normalized per given box, zero where not predicted."""
+        del example, probs
+        keypoints = np.zeros((len(given["labels"]), NUM_KEYPOINTS, 3), np.float32)
+        for view, rows in zip(views, tokens, strict=True):
+            index, crop = view.context
+            keypoints[index] = self.codec.decode(rows[0], crop)[0]
+        return {"keypoints": keypoints}
+
+    def problems(self, options: ml_collections.ConfigDict, class_names: Sequence[str]) -> list[str]:
+        problems = super().problems(options, class_names)
+        if not set(options.keypoint_classes) & set(class_names):
+            problems.append(
+                f"evaluation.keypoint_classes={tuple(options.keypoint_classes)} names none of "
+                f"the classes of the dataset ({', '.join(class_names)}), so no keypoints would "
+                "be predicted; name the class(es) annotated with keypoints"
+            )
+        return problems
+
+
+@tasks.register("keypoints")
+def from_config(config: ml_collections.ConfigDict) -> Keypoints:
+    codec = KeypointTask(vocab_from_config(config), **task_options(config, KeypointTask))
+    return Keypoints(codec, tuple(tasks.class_names(config)))

@@ -4,15 +4,24 @@ Prompt [seg ymin xmin ymax xmax class]; response the object's polygons as (y x) 
 pairs joined by SEPARATOR, at most `max_points` points in all, then END (`end_weight`).
 Objects with more points keep their largest polygons, each simplified (Visvalingam-Whyatt).
 Rows are [R, T], R = objects encoded (0..max_instances); `instance_index [R]` names them.
+
+The task unit (`Segmentation`, registered as "segmentation"): at inference it needs "boxes"
+(detected, or the ground truth's with `evaluation.use_gt_boxes`); each of the first
+`evaluation.max_instances` boxes gets `evaluation.segm_samples` decoder rows, all reading the
+image once, sampled at `segmentation_top_p`; the sampled masks are averaged and pixels kept
+where >= 50% agree (Pix2Seq v2). Feeds COCO segm AP.
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import ml_collections
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from navit_seq import tasks
+from navit_seq.tasks.sequence import BOXES, CodecTask, View, task_options, vocab_from_config
 from navit_seq.tasks.vocab import END, Vocab, build_row, response_until_end, stack_rows
 
 MIN_POLYGON_POINTS = 3
@@ -236,3 +245,76 @@ def _simplify(polygon: np.ndarray, count: int) -> np.ndarray:
         after[left], before[right] = right, left
         areas[left], areas[right] = triangle_area(left), triangle_area(right)
     return polygon[np.isfinite(areas)]
+
+
+def has_polygons(example: Mapping[str, Any]) -> bool:
+    """An object outlined by a polygon (segmentation encodes polygons, not RLE-only masks)."""
+    return bool((np.asarray(example["objects"]["num_polygons"]).reshape(-1) > 0).any())
+
+
+def average_masks(masks: np.ndarray) -> np.ndarray:
+    """Sampled binary masks [N, H, W] -> bool [H, W]: pixels set in at least half of them."""
+    return np.asarray(masks, np.float32).mean(axis=0) >= 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation(CodecTask):
+    """Segmentation as one unit (module docstring); `codec` is a `SegmentationTask`."""
+
+    name: ClassVar[str] = "segmentation"
+    task_id: ClassVar[int] = 2
+    annotations: ClassVar[tasks.Annotations] = tasks.Annotations(
+        "object polygons (objects/num_polygons > 0; the 'segmentation' polygons of a "
+        "COCO-format export's instances_<split>.json, RLE-only crowd masks do not count)",
+        has_polygons,
+    )
+    metric: ClassVar[str] = "segm"
+    needs: ClassVar[tuple[str, ...]] = (BOXES,)
+
+    def max_prompts(self, options: ml_collections.ConfigDict) -> int:
+        return options.max_instances * options.segm_samples
+
+    def prompts(self, example, image, given, options) -> list[View]:
+        """One view, the image: `segm_samples` rows per box (box by box)."""
+        del example
+        count = min(len(given["labels"]), options.max_instances)
+        prompts = [
+            self.codec.prompt(box, label)
+            for box, label in zip(given["boxes"][:count], given["labels"][:count], strict=True)
+        ]
+        rows = np.repeat(np.reshape(prompts, (count, self.prompt_length)), options.segm_samples, 0)
+        return [View(image, rows.astype(np.int32), context=options.segm_samples)]
+
+    def predictions(
+        self,
+        example: Mapping[str, Any],
+        views: Sequence[View],
+        tokens: Sequence[np.ndarray],
+        probs: Sequence[np.ndarray],
+        given: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """masks: one COCO RLE (stored size) per given box, None past max_instances."""
+        del example, probs
+        (view,) = views
+        height, width = view.pixels.shape[:2]
+        samples = view.context
+        masks: list = [None] * len(given["labels"])
+        for box in range(len(view.prompts) // samples):
+            sampled = np.stack(
+                [
+                    mask_utils.decode(polygons_to_rle(self.codec.decode(row)[0], height, width))
+                    for row in tokens[0][box * samples : (box + 1) * samples]
+                ]
+            )  # [samples, H, W]
+            masks[box] = mask_utils.encode(np.asfortranarray(average_masks(sampled), np.uint8))
+        return {"masks": masks}
+
+    def problems(self, options: ml_collections.ConfigDict, class_names: Sequence[str]) -> list[str]:
+        least = [f"evaluation.segm_samples={options.segm_samples}; use at least 1"]
+        return (least if options.segm_samples < 1 else []) + super().problems(options, class_names)
+
+
+@tasks.register("segmentation")
+def from_config(config: ml_collections.ConfigDict) -> Segmentation:
+    codec = SegmentationTask(vocab_from_config(config), **task_options(config, SegmentationTask))
+    return Segmentation(codec)

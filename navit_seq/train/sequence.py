@@ -11,7 +11,7 @@ without that task, never a false 0 or NaN) and `weight_share/<task>`, the task's
 loss weight (0 in such a window).
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
@@ -24,7 +24,7 @@ from flax import nnx
 
 from navit_seq import inference, pipeline
 from navit_seq.losses import sequence as losses
-from navit_seq.tasks.sequence import sequence_tasks
+from navit_seq.tasks.sequence import SequenceTask, sequence_tasks
 from navit_seq.train.loop import MetricDict, Objective
 
 
@@ -52,15 +52,21 @@ class TaskAverage(WeightedAverage):
         return super().compute()
 
 
-def task_ids(config: ml_collections.ConfigDict) -> dict[str, int]:
+def task_ids(
+    config: ml_collections.ConfigDict, task_list: Sequence[SequenceTask] | None = None
+) -> dict[str, int]:
     """name -> task id of the recipe's tasks (for per-task losses)."""
-    return {task.name: task.task_id for task in sequence_tasks(config.data)}
+    task_list = sequence_tasks(config.data) if task_list is None else task_list
+    return {task.name: task.task_id for task in task_list}
 
 
-def resolve_config(config: ml_collections.ConfigDict) -> None:
+def resolve_config(
+    config: ml_collections.ConfigDict, task_list: Sequence[SequenceTask] | None = None
+) -> None:
     """Fills the decoder's vocabulary size and coordinate range from the tasks' shared
-    vocabulary; checks lengths."""
-    vocab = max((task.vocab for task in sequence_tasks(config.data)), key=lambda v: v.size)
+    vocabulary (`task_list`, None: built from the recipe); checks lengths."""
+    task_list = sequence_tasks(config.data) if task_list is None else task_list
+    vocab = max((task.vocab for task in task_list), key=lambda v: v.size)
     vocab_size = vocab.size
     decoder = config.model.decoder
     with config.unlocked():
@@ -135,24 +141,29 @@ def make_eval_metrics(config: ml_collections.ConfigDict, ids: Mapping[str, int])
 
 
 def objective(config: ml_collections.ConfigDict) -> Objective:
-    """The sequence objective of a recipe (`config.trainer = "sequence"`)."""
-    resolve_config(config)
-    ids = task_ids(config)
+    """The sequence objective of a recipe (`config.trainer = "sequence"`). The recipe's tasks
+    are built here, once per run (each reads the dataset's class names and tokenizer), and
+    handed to the pipeline and to inference."""
+    task_list = sequence_tasks(config.data)
+    resolve_config(config, task_list)
+    ids = task_ids(config, task_list)
     return Objective(
         model_fn=model_fn(config),
         loss=make_loss(config, ids),
         eval_metrics=make_eval_metrics(config, ids),
-        train_iterator=lambda: pipeline.train_batches(config.data),
-        eval_iterator=lambda: pipeline.eval_batches(config.data),
-        evaluate_split=split_evaluation(config) if "evaluation" in config else None,
+        train_iterator=lambda: pipeline.train_batches(config.data, task_list),
+        eval_iterator=lambda: pipeline.eval_batches(config.data, task_list),
+        evaluate_split=split_evaluation(config, task_list) if "evaluation" in config else None,
     )
 
 
-def split_evaluation(config: ml_collections.ConfigDict):
+def split_evaluation(
+    config: ml_collections.ConfigDict, task_list: Sequence[SequenceTask] | None = None
+):
     """(model, step) -> COCO AP and caption metrics of `config.evaluation` (navit_seq.inference)."""
 
     def evaluate_split(model: nnx.Module, step: int) -> dict[str, float]:
         del step  # the same images every time, so values compare across steps
-        return inference.evaluate_split(config, model)
+        return inference.evaluate_split(config, model, task_list)
 
     return evaluate_split

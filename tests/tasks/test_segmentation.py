@@ -250,3 +250,14 @@ def test_round_trip_on_rendered_scenes_rasterises_every_instance_with_iou_above_
             ious.append(mask_utils.iou([polygons_to_rle(decoded, height, width)], [truth], [0]))
     assert len(ious) > 50 and simplified > 5  # the point budget was exercised
     assert min(ious) > 0.9
+
+
+def test_average_masks_keeps_pixels_set_in_at_least_half_the_samples():
+    """(Moved from tests/test_inference.py with the averaging, now the segmentation task's.)"""
+    from navit_seq.tasks.segmentation import average_masks
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((8, 5, 7)) < 0.5
+    expected = masks.sum(axis=0) * 2 >= 8
+    np.testing.assert_array_equal(average_masks(masks), expected)
+    assert average_masks(masks[:1]).sum() == masks[0].sum()
