@@ -99,6 +99,7 @@ def toy_objective(config):
         max_examples=config.data.max_examples_per_seq,
     )
     return Objective(
+        batch_keys=classification.BATCH_KEYS,
         model_fn=lambda: ToyClassifier(
             dropout=config.model.get("dropout", 0.1), rngs=nnx.Rngs(config.seed)
         ),
