@@ -166,7 +166,10 @@ def make_train_step(
         segment_ids = batch["segment_ids"]  # [B, L]
         metrics = dict(metrics)
         metrics.update(
-            learning_rate=clu_metrics.LastValue.from_model_output(schedule(state.step)),
+            # asarray: optax's constant schedule returns a Python float
+            learning_rate=clu_metrics.LastValue.from_model_output(
+                jnp.asarray(schedule(state.step))
+            ),
             grad_norm=clu_metrics.Average.from_model_output(optax.global_norm(grads)),
             param_norm=clu_metrics.LastValue.from_model_output(optax.global_norm(params)),
             padding_fraction=clu_metrics.Average.from_model_output(
@@ -275,14 +278,22 @@ class Trainer:
         )
         return sharding.global_batch(inputs, self.batch_sharding)
 
+    def compiled_train_step(
+        self, state: state_lib.TrainState, batch: dict[str, jax.Array]
+    ) -> jax.stages.Compiled:
+        """The train step compiled for these shapes: on first call, with its memory use printed
+        (benchmarks time and cost-analyse this very executable)."""
+        if self._compiled_train_step is None:
+            with self.context():
+                compiled = self._train_step.lower(state, batch).compile()
+            log_memory_analysis(compiled)
+            self._compiled_train_step = compiled
+        return self._compiled_train_step
+
     def train_step(self, state: state_lib.TrainState, batch: dict[str, jax.Array]):
         """Runs the compiled step; compiles (and prints memory use) on first call."""
         with self.context():
-            if self._compiled_train_step is None:
-                compiled = self._train_step.lower(state, batch).compile()
-                log_memory_analysis(compiled)
-                self._compiled_train_step = compiled
-            return self._compiled_train_step(state, batch)
+            return self.compiled_train_step(state, batch)(state, batch)
 
     def evaluate(self, state: state_lib.TrainState, batches: Iterable[Batch]) -> dict[str, float]:
         """Metrics of one pass over `batches` (the eval iterator is closed afterwards)."""
