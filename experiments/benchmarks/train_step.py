@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from navit_seq import cpu_runtime, sharding
+from navit_seq import config_common, cpu_runtime
 from navit_seq.data import packing, patches
 from navit_seq.models import attention, navit
-from navit_seq.train import classification, loop, optimizer
+from navit_seq.train import classification, loop
 
 Batch = dict[str, Any]  # a packed batch: arrays, and `targets` {"labels": [B, E, C]}
 LEARNING_RATE = 1e-3  # any value: the benchmark times the update, it does not train
@@ -215,7 +215,7 @@ def trainer_config(workload: Workload, rows: int, attention_impl: str) -> ml_col
     config.trainer = "classification"
     config.seed = workload.seed
     config.loss = "sigmoid_xent"
-    config.mesh = sharding.default_mesh_config()
+    config.mesh = config_common.default_mesh_config()
     config.mesh.num_devices = 1
     config.data = ml_collections.ConfigDict({"batch_size": rows})
     config.model = navit.default_model_config()
@@ -227,7 +227,7 @@ def trainer_config(workload: Workload, rows: int, attention_impl: str) -> ml_col
     config.model.num_classes = workload.num_classes
     config.model.patch_size = workload.patch_size
     config.model.num_channels = workload.channels
-    config.optimizer = optimizer.default_optimizer_config()
+    config.optimizer = config_common.default_optimizer_config()
     config.optimizer.learning_rate = LEARNING_RATE
     config.optimizer.weight_decay = ((".*", WEIGHT_DECAY),)
     config.optimizer.grad_clip_norm = 0.0
