@@ -90,10 +90,8 @@ def shrink_to_this_machine(config: ml_collections.ConfigDict) -> None:
     config.log_every_steps, config.eval_every_steps = 25, 100
     config.checkpoint_every_steps, config.profile_steps = 100, 0
     config.keep_checkpoint_every_steps = 0
-    config.data.name, config.data.data_dir = (
-        "scenes",
-        "datasets",
-    )  # python -m navit_seq.data.build scenes
+    # The bundled scenes: python -m navit_seq.data.build scenes --data-dir datasets
+    config.data.name, config.data.data_dir = "scenes", "datasets"
     config.data.resolution.min_side, config.data.resolution.max_side = 32, 128
     config.data.seq_len, config.data.eval_max_tokens = 128, 64
     config.data.batch_size, config.data.pack_buffer_size = 16, 32

@@ -105,10 +105,8 @@ def shrink_to_this_machine(config: ml_collections.ConfigDict) -> None:
     config.log_every_steps, config.eval_every_steps = 10, 100
     config.checkpoint_every_steps, config.profile_steps = 100, 0
     config.keep_checkpoint_every_steps = 0
-    config.data.name, config.data.data_dir = (
-        "scenes",
-        "datasets",
-    )  # python -m navit_seq.data.build scenes
+    # The bundled scenes: python -m navit_seq.data.build scenes --data-dir datasets
+    config.data.name, config.data.data_dir = "scenes", "datasets"
     config.data.resolution.max_side = 160  # the image side: 10 x 10 patches, 100 tokens a row
     config.data.batch_size, config.data.max_rows_per_seq = 16, 8
     config.data.num_workers = 1
