@@ -10,17 +10,15 @@ Eval reports the loss and image<->text retrieval recall@1/5/10 on the validation
 
 import ml_collections
 
-from navit_seq import config_utils
+from navit_seq import config_common
 from navit_seq.models.two_tower import default_two_tower_config
 from navit_seq.pipeline import default_data_config
-from navit_seq.sharding import default_distributed_config, default_mesh_config
 from navit_seq.train.contrastive import default_loss_config
-from navit_seq.train.optimizer import default_optimizer_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = config_utils.recipe_options(arg, known=("steps", "loss", "data"))
-    config = config_utils.loop_config(
+    options = config_common.recipe_options(arg, known=("steps", "loss", "data"))
+    config = config_common.header(
         "contrastive",  # navit_seq.train.contrastive
         steps=int(options.get("steps", 600)),
         log_every_steps=25,
@@ -31,7 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = default_loss_config()
     config.loss.name = options.get("loss", "sigmoid")
 
-    patch_size = 16
+    # One value each, however many fields hold it (an override of one moves them all).
+    patch_size = ml_collections.FieldReference(16)
+    # NaViT's contrastive runs cut captions at 24 tokens: the text tower's position table.
+    max_text_len = ml_collections.FieldReference(24)
     config.data = default_data_config()
     config.data.name = options.get("data", "scenes")
     config.data.data_dir = "datasets"
@@ -44,9 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pack_buffer_size = 32
     config.data.eval_max_tokens = 64
     config.data.num_workers = 1
-    # NaViT's contrastive runs cut captions at 24 tokens; a row holds up to 4 full captions
-    # (the packer also waits for text room, so rows average fewer images than max_examples).
-    config.data.task = dict(name="image_text", max_text_len=24)
+    # A row holds up to 4 full captions (the packer also waits for text room, so rows
+    # average fewer images than max_examples).
+    config.data.task = dict(name="image_text", max_text_len=max_text_len)
     config.data.text_seq_len = 96
 
     config.model = default_two_tower_config(config.loss.name)
@@ -58,18 +59,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         tower.mlp_dim = 128
     config.model.image.patch_size = patch_size
     config.model.image.posemb.max_len = 16  # 16 patches per side covers 256 px
-    config.model.text.max_len = 24  # = data.task.max_text_len
+    config.model.text.max_len = max_text_len
     config.model.text.vocab_size = 0  # 0: the dataset tokenizer's
     config.model.embed_dim = 64
 
-    config.optimizer = default_optimizer_config()
     config.optimizer.learning_rate = 1e-3
     # No decay on the learned temperature and bias (scalars with a meaning, not weights).
     config.optimizer.weight_decay = (("log_logit_scale|bias", 0.0), (".*", 1e-4))
     config.optimizer.schedule.kind = "cosine"
     config.optimizer.schedule.warmup_steps = 50
-    config.optimizer.schedule.decay_steps = config.get_ref("num_train_steps")
-
-    config.mesh = default_mesh_config()  # all local devices on `data`
-    config.distributed = default_distributed_config()
     return config

@@ -17,11 +17,9 @@ Arguments (`configs/navit_textures.py:steps=100`): `steps` overrides num_train_s
 
 import ml_collections
 
-from navit_seq import config_utils
+from navit_seq import config_common
 from navit_seq.models.navit import default_model_config
 from navit_seq.pipeline import default_data_config
-from navit_seq.sharding import default_distributed_config, default_mesh_config
-from navit_seq.train.optimizer import default_optimizer_config
 
 PATCH_SIZE = 16
 MAX_GRID_SIDE = 16  # patches per side: 256 px, the largest stored image
@@ -30,8 +28,8 @@ EVAL_SIDE = 128
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = config_utils.recipe_options(arg, known=("steps",))
-    config = config_utils.loop_config(
+    options = config_common.recipe_options(arg, known=("steps",))
+    config = config_common.header(
         "classification",  # navit_seq.train.classification
         steps=int(options.get("steps", 1000)),
         log_every_steps=50,
@@ -40,11 +38,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         keep_checkpoints=2,
     )
     config.loss = "softmax_xent"  # one labelled object per image
+    # One value each, however many fields hold it (an override of one moves them all).
+    patch_size = ml_collections.FieldReference(PATCH_SIZE)
+    max_grid_side = ml_collections.FieldReference(MAX_GRID_SIDE)
 
     config.data = default_data_config()
     config.data.name = "scene_textures"
     config.data.data_dir = "datasets"
-    config.data.patch_size = PATCH_SIZE
+    config.data.patch_size = patch_size
     # NaViT's variable resolution: longer side ~ U(32, 192) -> 2..12 patches per side, so the
     # quarter of the test side (32 px) is seen in training: there a fine texture is gone and a
     # coarse one (4 px) must be told from the fine ones at 128 px by its angle.
@@ -57,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pack_buffer_size = 64
     config.data.eval_side = EVAL_SIDE
     config.data.eval_max_tokens = 256
-    config.data.max_grid_side = MAX_GRID_SIDE
+    config.data.max_grid_side = max_grid_side
     config.data.num_workers = 1
     # No flips: a left-right flip turns rising stripes into falling ones, another class.
     config.data.augment.flip_left_right = 0.0
@@ -69,19 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.depth = 4
     config.model.num_heads = 4
     config.model.mlp_dim = 256
-    config.model.patch_size = PATCH_SIZE
-    config.model.posemb.max_len = MAX_GRID_SIDE
+    config.model.patch_size = patch_size
+    config.model.posemb.max_len = max_grid_side
     config.model.posemb.embedding = "sinusoidal"
     config.model.posemb.out_of_range = "clamp"  # max_grid_side keeps positions in range
     config.model.num_classes = 0  # 0: the dataset's (data.task.num_classes)
 
-    config.optimizer = default_optimizer_config()
     config.optimizer.learning_rate = 2e-3
     config.optimizer.weight_decay = ((".*", 1e-4),)
     config.optimizer.schedule.kind = "cosine"
     config.optimizer.schedule.warmup_steps = 100
-    config.optimizer.schedule.decay_steps = config.get_ref("num_train_steps")
-
-    config.mesh = default_mesh_config()  # all local devices on `data`
-    config.distributed = default_distributed_config()  # multi-host: usually auto-detected
     return config

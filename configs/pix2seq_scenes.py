@@ -17,12 +17,10 @@ paper-scale COCO recipe is `configs/pix2seq_v2_multitask.py`.
 
 import ml_collections
 
-from navit_seq import config_utils
+from navit_seq import config_common
 from navit_seq.inference import default_evaluation_config
 from navit_seq.models.pix2seq import default_pix2seq_config
 from navit_seq.pipeline import default_data_config
-from navit_seq.sharding import default_distributed_config, default_mesh_config
-from navit_seq.train.optimizer import default_optimizer_config
 from navit_seq.train.sequence import default_loss_config
 
 PATCH_SIZE = 16
@@ -44,8 +42,8 @@ TASKS = ("detection", "segmentation", "keypoints", "captioning")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = config_utils.recipe_options(arg, known=("steps", "data_dir", "tasks", "data"))
-    config = config_utils.loop_config(
+    options = config_common.recipe_options(arg, known=("steps", "data_dir", "tasks", "data"))
+    config = config_common.header(
         "sequence",  # navit_seq.train.sequence
         steps=int(options.get("steps", 300)),
         log_every_steps=10,
@@ -55,11 +53,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.loss = default_loss_config()
     config.loss.label_smoothing = 0.0  # (Pix2Seq reference code) none
+    # One value each, however many fields hold it (an override of one moves them all).
+    patch_size = ml_collections.FieldReference(PATCH_SIZE)
+    max_grid_side = ml_collections.FieldReference(MAX_GRID_SIDE)
+    row_length = ml_collections.FieldReference(ROW_LENGTH)  # decoder.max_len, the rows' T
 
     config.data = default_data_config()
     config.data.name = options.get("data", "scenes")  # a scene variant (data.build --variant)
     config.data.data_dir = options.get("data_dir", "datasets")
-    config.data.patch_size = PATCH_SIZE
+    config.data.patch_size = patch_size
     # Small images keep a CPU step short: longer side ~ U(48, 160) -> at most 100 tokens.
     config.data.resolution.min_side = 48
     config.data.resolution.max_side = 160
@@ -69,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_rows_per_seq = 8  # segmentation: one row per object, ~5 per scene
     config.data.pack_buffer_size = 32
     config.data.eval_max_tokens = 100
-    config.data.max_grid_side = MAX_GRID_SIDE
+    config.data.max_grid_side = max_grid_side
     config.data.num_workers = 1
     config.data.token_drop.kind = "none"
     names = options.get("tasks", "+".join(TASKS)).split("+")
@@ -79,14 +81,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             f"configs/pix2seq_scenes.py: tasks={options['tasks']!r} names {unknown}; use a "
             f"'+'-joined subset of {'+'.join(TASKS)}."
         )
-    row_length = ROW_LENGTH
-    if names == ["detection"] and config.data.name in MOST_OBJECTS:
-        row_length = min(ROW_LENGTH, 1 + 5 * 2 * MOST_OBJECTS[config.data.name] + 1)
+    seq_len = row_length
+    if names == ["detection"] and config.data.name in MOST_OBJECTS:  # shorter rows, same model
+        seq_len = min(ROW_LENGTH, 1 + 5 * 2 * MOST_OBJECTS[config.data.name] + 1)
     config.data.tasks = tuple((name, 1.0 / len(names)) for name in TASKS if name in names)
     config.data.mixing = "batch"
     config.data.task = dict(
         name="detection",  # the options below are shared by the four tasks
-        seq_len=row_length,
+        seq_len=seq_len,
         num_bins=64,  # coordinate bins: 2.5 px at 160 px (Pix2Seq: 1000 at 640+ px)
         max_instances=8,  # segmentation / keypoint rows per image
         # Detection: largest object first. Pix2Seq keeps random order for long training; in a
@@ -103,10 +105,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.depth = 2
     config.model.num_heads = 3
     config.model.mlp_dim = 192
-    config.model.patch_size = PATCH_SIZE
+    config.model.patch_size = patch_size
     # A conv stem inside each patch (Xiao et al. 2021): the tiny ViT reads objects sooner.
     config.model.patch_embedding = "conv"
-    config.model.posemb.max_len = MAX_GRID_SIDE
+    config.model.posemb.max_len = max_grid_side
     # "error" checks positions with a host callback, which can deadlock a loaded CPU client;
     # data.max_grid_side = posemb.max_len keeps every position in the table, so "clamp"
     # never clamps here.
@@ -116,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.decoder.depth = 2
     config.model.decoder.num_heads = 3
     config.model.decoder.mlp_dim = 192
-    config.model.decoder.max_len = ROW_LENGTH
+    config.model.decoder.max_len = row_length
     config.model.decoder.vocab_size = 0  # 0: the tasks' shared vocabulary size
     # Coordinate bins start as position embeddings of their bin (models/decoder.py): on a toy
     # detection set, AP50 0.039 -> 0.097 at 300 steps with the output bias (README).
@@ -125,19 +127,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # gradients already say "attend where the box is".
     config.model.decoder.cross_attention_init = "copy"
 
-    config.optimizer = default_optimizer_config()
     config.optimizer.learning_rate = 3e-3
     config.optimizer.b1, config.optimizer.b2 = 0.9, 0.95  # (Pix2Seq v2)
     config.optimizer.weight_decay = ((r".*", 1e-4),)
     config.optimizer.grad_clip_norm = 1.0
     config.optimizer.schedule.kind = "cosine"
     config.optimizer.schedule.warmup_steps = 30
-    config.optimizer.schedule.decay_steps = config.get_ref("num_train_steps")
 
     # Whole-split inference + COCO AP / caption scores at each evaluation (and for predict).
     config.evaluation = default_evaluation_config()
     config.evaluation.num_images = 100  # the first 100 validation images (0: all 500)
-
-    config.mesh = default_mesh_config()  # all local devices on `data`
-    config.distributed = default_distributed_config()  # multi-host: usually auto-detected
     return config

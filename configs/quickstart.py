@@ -7,16 +7,14 @@ Arguments (`configs/quickstart.py:steps=50`): `steps` overrides num_train_steps.
 
 import ml_collections
 
-from navit_seq import config_utils
+from navit_seq import config_common
 from navit_seq.models.navit import default_model_config
 from navit_seq.pipeline import default_data_config
-from navit_seq.sharding import default_distributed_config, default_mesh_config
-from navit_seq.train.optimizer import default_optimizer_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = config_utils.recipe_options(arg, known=("steps",))
-    config = config_utils.loop_config(
+    options = config_common.recipe_options(arg, known=("steps",))
+    config = config_common.header(
         "classification",  # navit_seq.train.classification
         steps=int(options.get("steps", 600)),
         log_every_steps=25,
@@ -26,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.loss = "sigmoid_xent"  # NaViT's classification pretraining loss
 
-    patch_size = 16
+    patch_size = ml_collections.FieldReference(16)  # data and model: one value
     config.data = default_data_config()
     config.data.name = "scenes"
     config.data.data_dir = "datasets"
@@ -53,13 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_classes = 0  # 0: the dataset's (data.task.num_classes)
     config.model.head_bias_init = -2.0  # prior ~0.12 per class: a few classes per scene
 
-    config.optimizer = default_optimizer_config()
     config.optimizer.learning_rate = 3e-3
     config.optimizer.weight_decay = ((".*head.*", 1e-4), (".*", 1e-4))
     config.optimizer.schedule.kind = "cosine"
     config.optimizer.schedule.warmup_steps = 50
-    config.optimizer.schedule.decay_steps = config.get_ref("num_train_steps")
 
-    config.mesh = default_mesh_config()  # all local devices on `data`
-    config.distributed = default_distributed_config()  # multi-host: usually auto-detected
     return config

@@ -46,67 +46,6 @@ COMPILATION_CACHE = flags.DEFINE_string(
 )  # fmt: skip
 
 
-def recipe_options(arg: str | None, *, known: Sequence[str]) -> dict[str, str]:
-    """A recipe's argument (`configs/x.py:steps=50,loss=softmax`) as {name: text}.
-
-    `known`: the names the recipe reads; any other name (a typo such as `stpes`) is an error
-    listing them, never silently ignored.
-    """
-    options = {}
-    for item in arg.split(",") if arg else []:
-        name, equals, value = item.partition("=")
-        if not equals or not name:
-            raise ValueError(
-                f"recipe argument {item!r} (in {arg!r}) is not name=value; write e.g. "
-                "configs/quickstart.py:steps=50 (pairs separated by commas)."
-            )
-        if name not in known:
-            takes = f"it takes {', '.join(known)}" if known else "it takes none"
-            raise ValueError(
-                f"recipe argument {name!r} (in {arg!r}) is not one this recipe reads; {takes}. "
-                "Fix the name, or set any field with --config.a.b=value."
-            )
-        if name in options:
-            raise ValueError(f"recipe argument {name!r} is given twice in {arg!r}; keep one.")
-        options[name] = value
-    return options
-
-
-def loop_config(
-    trainer: str,
-    *,
-    steps: int,
-    log_every_steps: int,
-    eval_every_steps: int,
-    checkpoint_every_steps: int,
-    keep_checkpoints: int,
-    keep_checkpoint_every_steps: int = 0,
-    profile_steps: int = 0,
-) -> ml_collections.ConfigDict:
-    """A recipe's ConfigDict with the fields the shared training loop reads.
-
-    `trainer`: navit_seq.train.<trainer> (or a module path); `num_train_steps` is a
-    FieldReference so a schedule built on it follows --config.num_train_steps overrides;
-    `keep_checkpoint_every_steps` 0 keeps only the last `keep_checkpoints`; `profile_steps` > 0
-    traces that many steps after step 10; `log_batch_fingerprint` logs a CRC32 of each logged
-    batch (resume checks); `init_from` names a workdir whose latest checkpoint's parameters
-    start a run that has no checkpoint of its own (staged training, fine-tuning; "" = none).
-    """
-    config = ml_collections.ConfigDict()
-    config.trainer = trainer
-    config.seed = 0
-    config.num_train_steps = ml_collections.FieldReference(steps)
-    config.log_every_steps = log_every_steps
-    config.eval_every_steps = eval_every_steps
-    config.checkpoint_every_steps = checkpoint_every_steps
-    config.keep_checkpoints = keep_checkpoints
-    config.keep_checkpoint_every_steps = keep_checkpoint_every_steps
-    config.profile_steps = profile_steps
-    config.log_batch_fingerprint = False
-    config.init_from = ""
-    return config
-
-
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """`path.py[:arg]` -> `get_config(arg)` (without flag overrides)."""
     path, _, arg = spec.partition(":")

@@ -77,6 +77,29 @@ def objective_for(config: ml_collections.ConfigDict) -> loop.Objective:
     return module.objective(config)
 
 
+def prepare_run(config: ml_collections.ConfigDict, workdir: Path) -> loop.Objective:
+    """Everything before step 1 that a bad recipe can fail, then DIR/config.json.
+
+    Checks the data (`check_data`), builds the objective, whose resolution fills the values a
+    recipe leaves to the dataset and the tasks (class counts, vocabulary sizes), then checks
+    that DIR and `init_from` hold runs of the same trainer and model, and saves config.json
+    (process 0) after all that: it holds the values the run trains with.
+    """
+    check_data(config, training_splits)
+    objective = objective_for(config)
+    config_utils.check_same_recipe(config, workdir / "config.json")
+    if config.get("init_from"):
+        config_utils.check_same_recipe(
+            config, Path(config.init_from) / "config.json",
+            use=f"config.init_from={config.init_from!r}: starting from it",
+            fix="Point init_from at a run of the same trainer and model (e.g. an earlier stage).",
+        )  # fmt: skip
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        config_utils.save_config(config, workdir / "config.json")
+    return objective
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}; see --help.")
@@ -84,22 +107,12 @@ def main(argv: list[str]) -> None:
     workdir = config_utils.required_workdir()
     sharding.maybe_initialize_distributed(config)
     cpu_settings = cpu_runtime.prepare_process_for_training()
-    config_utils.check_same_recipe(config, workdir / "config.json")
-    check_data(config, training_splits)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if config.get("init_from"):
-        config_utils.check_same_recipe(
-            config, Path(config.init_from) / "config.json",
-            use=f"config.init_from={config.init_from!r}: starting from it",
-            fix="Point init_from at a run of the same trainer and model (e.g. an earlier stage).",
-        )  # fmt: skip
-    if jax.process_index() == 0:
-        config_utils.save_config(config, workdir / "config.json")
+    objective = prepare_run(config, workdir)
     print(f"navit_seq.main: {jax.device_count()} devices ({jax.process_count()} processes); "
           f"workdir {workdir.resolve()}", flush=True)  # fmt: skip
     if cpu_settings:
         print(cpu_settings, flush=True)
-    final = loop.train_and_evaluate(config, workdir, objective_for(config))
+    final = loop.train_and_evaluate(config, workdir, objective)
     print(f"Done. Last train metrics: {final}", flush=True)
     print(f"Wrote {workdir / 'metrics.jsonl'}, TensorBoard events and {workdir / 'checkpoints'}.")
 

@@ -281,3 +281,17 @@ def test_starting_from_a_run_of_another_model_is_refused_naming_init_from(tmp_pa
             other, tmp_path / "config.json", use=f"config.init_from={str(tmp_path)!r}: "
             "starting from it", fix="Point init_from at a run of the same trainer and model.",
         )  # fmt: skip
+
+
+def test_config_json_holds_the_values_the_objective_resolved(scenes_data_dir, tmp_path):
+    from navit_seq import main
+    from navit_seq.data import sources
+
+    config = config_utils.load_config_file("configs/quickstart.py")
+    config.data.data_dir = scenes_data_dir
+    assert config.model.num_classes == 0  # the recipe leaves the class count to the dataset
+    main.prepare_run(config, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    num_classes = len(sources.class_names("scenes", scenes_data_dir))
+    assert saved["model"]["num_classes"] == saved["data"]["task"]["num_classes"] == num_classes
+    assert num_classes > 0

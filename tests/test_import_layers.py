@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).parents[1] / "navit_seq"
 # Lowest first. A part is a subpackage (data, tasks, ...) or a top-level module (decode, ...).
 LAYERS = (
     {"cli"},  # one-line errors, --help, progress, compilation cache: imports no navit_seq
+    {"config_common"},  # the recipes' shared header: imports only ml_collections
     {"config_utils", "sharding", "cpu_runtime", "kernels"},
     {"data"},
     {"tasks", "evaluation"},

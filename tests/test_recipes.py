@@ -4,7 +4,7 @@ arguments parse or fail naming the bad item."""
 import numpy as np
 import pytest
 
-from navit_seq import config_utils, pipeline
+from navit_seq import config_common, config_utils, pipeline
 from navit_seq.data import mixing
 from navit_seq.models import decoder
 from navit_seq.tasks.detection import DetectionTask
@@ -62,23 +62,23 @@ def test_scenes_recipe_resolves_its_decoder_vocabulary_on_the_scene_dataset(scen
 
 def test_recipe_arguments_parse_and_a_malformed_one_is_an_error_naming_it():
     known = ("steps", "loss")
-    assert config_utils.recipe_options(None, known=known) == {}
-    parsed = config_utils.recipe_options("steps=50,loss=softmax", known=known)
+    assert config_common.recipe_options(None, known=known) == {}
+    parsed = config_common.recipe_options("steps=50,loss=softmax", known=known)
     assert parsed == {"steps": "50", "loss": "softmax"}
     with pytest.raises(ValueError, match="recipe argument 'steps' .* is not name=value"):
-        config_utils.recipe_options("steps", known=known)
+        config_common.recipe_options("steps", known=known)
     with pytest.raises(ValueError, match="is not name=value"):
         config_utils.load_config_file("configs/quickstart.py:steps50")
     with pytest.raises(ValueError, match="'steps' is given twice"):
-        config_utils.recipe_options("steps=1,steps=2", known=known)
+        config_common.recipe_options("steps=1,steps=2", known=known)
 
 
 @pytest.mark.parametrize(
     ("recipe", "takes"),
     [("quickstart", "steps"), ("navit_shapes", "steps"), ("navit_textures", "steps"),
      ("contrastive", "steps, loss, data"),
-     ("pix2seq_scenes", "steps, data_dir, tasks, data"), ("navit_b16_pretrain", "none"),
-     ("pix2seq_v2_multitask", "none")],
+     ("pix2seq_scenes", "steps, data_dir, tasks, data"), ("navit_b16_pretrain", "runlocal"),
+     ("pix2seq_v2_multitask", "runlocal")],
 )  # fmt: skip
 def test_misspelt_recipe_argument_is_an_error_listing_the_recipes_arguments(recipe, takes):
     with pytest.raises(ValueError, match=f"recipe argument 'stpes' .* it takes {takes}\\."):
@@ -167,3 +167,93 @@ def test_scenes_detection_alone_on_the_easy_scenes_uses_rows_that_hold_its_objec
     assert easy.model.to_dict() == all_tasks.model.to_dict()  # init_from carries it over
     full_scenes = config_utils.load_config_file(f"{SCENES}:tasks=detection")
     assert full_scenes.data.task.seq_len == 64  # 10 objects + noise do not fit in fewer
+
+
+RECIPES = ("quickstart", "navit_shapes", "navit_textures", "contrastive", "pix2seq_scenes",
+           "navit_b16_pretrain", "pix2seq_v2_multitask")  # fmt: skip
+
+
+def _model_patch_size(config):
+    return config.model.image.patch_size if "image" in config.model else config.model.patch_size
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_changing_the_data_patch_size_moves_the_models_and_steps_move_the_schedule(recipe):
+    config = config_utils.load_config_file(f"configs/{recipe}.py")
+    config.lock()  # as the command line holds it: the override goes through the reference
+    assert _model_patch_size(config) == config.data.patch_size
+    config.data.patch_size = 8
+    assert _model_patch_size(config) == 8
+    config.num_train_steps = 123
+    assert config.optimizer.schedule.decay_steps == 123
+
+
+@pytest.mark.parametrize("recipe", ["navit_shapes", "navit_textures", "pix2seq_scenes"])
+def test_the_grid_cap_and_the_position_table_are_one_value(recipe):
+    config = config_utils.load_config_file(f"configs/{recipe}.py")
+    config.data.max_grid_side = 20
+    assert config.model.posemb.max_len == 20
+
+
+@pytest.mark.parametrize("recipe", [SCENES, PAPER])
+def test_the_decoder_position_table_follows_the_row_length(recipe):
+    config = config_utils.load_config_file(recipe)
+    config.data.task.seq_len = 96
+    assert config.model.decoder.max_len == 96
+
+
+def test_scenes_detection_rows_are_shorter_than_the_decoder_table_and_not_tied_to_it():
+    config = config_utils.load_config_file(f"{SCENES}:data=scenes_easy,tasks=detection")
+    config.model.decoder.max_len = 80
+    assert config.data.task.seq_len == 32
+
+
+def test_contrastive_caption_length_and_text_position_table_are_one_value():
+    config = config_utils.load_config_file("configs/contrastive.py")
+    config.data.task.max_text_len = 40
+    assert config.model.text.max_len == 40
+
+
+def test_paper_recipe_token_budget_and_grid_follow_the_image_side():
+    config = config_utils.load_config_file(PAPER)
+    assert (config.data.max_grid_side, config.data.seq_len) == (40, 1600)  # 640 px / 16
+    config.data.resolution.max_side = 320
+    assert config.data.resolution.min_side == 160
+    assert (config.data.max_grid_side, config.data.seq_len) == (20, 400)
+    assert config.data.eval_max_tokens == 400
+
+
+@pytest.mark.parametrize("recipe", [PAPER, "configs/navit_b16_pretrain.py"])
+def test_runlocal_gives_the_pod_recipe_at_cpu_size_on_the_bundled_scenes(recipe):
+    pod = config_utils.load_config_file(recipe)
+    local = config_utils.load_config_file(f"{recipe}:runlocal")
+    assert pod.runnable_here is False and local.runnable_here is True
+    assert local.mesh.shape == (-1, 1, 1) and local.data.batch_size <= 16
+    assert (local.data.name, local.data.data_dir) == ("scenes", "datasets")
+    assert local.model.width <= 96 and local.model.depth == 2
+    assert local.model.dtype == "float32"
+    assert local.num_train_steps == local.optimizer.schedule.decay_steps == 300
+    assert local.model.patch_size == local.data.patch_size == pod.data.patch_size
+    # Only sizes change: the paper's modelling and optimizer choices stay.
+    for key in ("trainer", "loss"):
+        assert local[key] == pod[key]
+    assert local.optimizer.schedule.kind == pod.optimizer.schedule.kind
+    assert (local.optimizer.b1, local.optimizer.b2) == (pod.optimizer.b1, pod.optimizer.b2)
+    pipeline.validate_data_config(local.data)
+
+
+def test_paper_recipe_runlocal_fits_its_rows_and_grid_and_keeps_the_task_weights():
+    pod = config_utils.load_config_file(PAPER)
+    local = config_utils.load_config_file(f"{PAPER}:runlocal")
+    assert local.data.task.seq_len == local.model.decoder.max_len == 64
+    assert local.data.seq_len == local.data.max_grid_side**2 == 100  # 160 px in 16 px patches
+    assert local.data.max_grid_side <= local.model.posemb.max_len
+    assert local.model.decoder.width <= 96
+    assert dict(local.data.tasks) == dict(pod.data.tasks)
+
+
+def test_scenes_runlocal_recipe_resolves_on_the_scene_dataset(scenes_data_dir):
+    config = config_utils.load_config_file(f"{PAPER}:runlocal")
+    config.data.data_dir = scenes_data_dir
+    sequence.resolve_config(config)
+    assert sequence.task_ids(config).keys() == ALL_TASKS

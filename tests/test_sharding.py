@@ -8,13 +8,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 from train.toy import ToyClassifier, synthetic_batch
 
-from navit_seq import sharding
+from navit_seq import config_common, sharding
 from navit_seq.train import optimizer as optimizer_lib
 from navit_seq.train import state as state_lib
 
 
 def mesh_config(shape, rules=None):
-    config = sharding.default_mesh_config()
+    config = config_common.default_mesh_config()
     config.shape = shape
     if rules is not None:
         config.rules = rules
@@ -74,7 +74,7 @@ def test_logical_to_mesh_spec_uses_each_mesh_axis_once_and_replicates_indivisibl
 def test_parameters_and_optimizer_state_are_created_sharded_as_the_rules_say():
     config = mesh_config((2, 2, 2))
     mesh, rules = sharding.make_mesh(config), sharding.logical_rules(config)
-    tx, _ = optimizer_lib.make_optimizer(optimizer_lib.default_optimizer_config())
+    tx, _ = optimizer_lib.make_optimizer(config_common.default_optimizer_config())
     _, state, _ = state_lib.create_train_state(
         lambda: ToyClassifier(rngs=nnx.Rngs(0)), tx, mesh, rules
     )

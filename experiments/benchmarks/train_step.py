@@ -1,10 +1,11 @@
 """One training step of the NaViT classifier on a shared workload, against the peer NaViT.
 
 Measures, in one invocation and on the same images:
-- the packed step: forward + backward + AdamW of navit_seq's NaViT classifier (sigmoid CE,
-  MAP head) on the workload's images packed into [B, seq_len] sequences, jitted;
-- the fixed-length step: the same model and shapes with one unmasked segment per row, so
-  packed_step_s / fixed_len_step_s is the cost of packing;
+- the packed step: the trainer's own compiled step (`navit_seq.train.loop.Trainer`: forward +
+  backward + AdamW + its metrics) of the classification objective (NaViT classifier, sigmoid
+  CE, MAP head) on the workload's images packed into [B, seq_len] sequences;
+- the fixed-length step: the same step and shapes with one full-length image per row (XLA
+  attention), so packed_step_s / fixed_len_step_s is the cost of packing;
 - the peer step: lucidrains' vit-pytorch NaViT (same width/depth/heads/mlp/patch, AdamW,
   grouping by max_seq_len = seq_len) on CPU torch;
 - the fp32 matmul peak of this machine, to turn FLOP/s into model-FLOPs utilisation.
@@ -16,13 +17,13 @@ Prints a human-readable summary, then one JSON line of results last.
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,17 +32,15 @@ import flops as flop_count  # experiments/benchmarks/flops.py, next to this scri
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 
-from navit_seq import cpu_runtime
+from navit_seq import config_common, cpu_runtime
 from navit_seq.data import packing, patches
-from navit_seq.losses import classification as losses
-from navit_seq.models import attention, classifier, navit, pooling
+from navit_seq.models import attention, navit
+from navit_seq.train import classification, loop
 
-Batch = dict[str, np.ndarray]
-Forward = Callable[[nnx.Module, Batch], jax.Array]  # (model, batch) -> logits [B, E, C]
+Batch = dict[str, Any]  # a packed batch: arrays, and `targets` {"labels": [B, E, C]}
 LEARNING_RATE = 1e-3  # any value: the benchmark times the update, it does not train
 WEIGHT_DECAY = 1e-4
 
@@ -163,7 +162,8 @@ def per_image_elements(
 
 
 def pack_workload(images: list[np.ndarray], labels: np.ndarray, workload: Workload) -> Batch:
-    """All images in one batch of the fewest rows navit_seq's first-fit packer needs."""
+    """All images in one batch of the fewest rows navit_seq's first-fit packer needs, as the
+    classification objective reads it (`classification.BATCH_KEYS`)."""
     elements = per_image_elements(images, labels, workload.patch_size)
     rows = -(-sum(workload.tokens_per_image) // workload.seq_len)  # ceil: no fewer can work
     while True:
@@ -179,96 +179,72 @@ def pack_workload(images: list[np.ndarray], labels: np.ndarray, workload: Worklo
         )
         batch = next(iter(packer))
         if batch["example_valid"].sum() == len(elements):
-            return {**model_inputs(batch), "labels": batch["targets"]["labels"]}
+            return loop.model_inputs(batch, classification.BATCH_KEYS)
         rows += 1
-
-
-def model_inputs(batch: Batch) -> Batch:
-    """The packed-batch arrays the classifier reads."""
-    keys = ("patches", "segment_ids", "patch_coords", "image_grid", "example_valid")
-    return {key: batch[key] for key in keys}
 
 
 def fixed_length_batch(packed: Batch) -> Batch:
     """Same [B, L] shapes as `packed` with one full-length image per row: the ViT baseline.
 
-    Each row is a (L / cols) x cols grid of real patches in slot 0; the step on it runs the
-    model with attention unmasked (see `unmasked_logits`).
+    Each row is a (L / cols) x cols grid of real patches in slot 0, so every query attends to
+    its whole row, as in a plain fixed-length ViT.
     """
     rows, length = packed["segment_ids"].shape
     cols = int(np.sqrt(length))
     while length % cols:
         cols -= 1
     grid = np.stack(np.divmod(np.arange(length, dtype=np.int32), cols), -1)  # [L, 2]
-    batch = {key: np.zeros_like(value) for key, value in packed.items()}
+    batch = jax.tree.map(np.zeros_like, packed)
     batch["patches"] = packed["patches"]  # pixel values do not change the cost
     batch["segment_ids"][:] = 1
     batch["patch_coords"][:] = grid
     batch["image_grid"][:, 0] = (length // cols, cols)
     batch["example_valid"][:, 0] = True
-    batch["labels"][:, 0] = packed["labels"][:, 0]
+    batch["targets"]["labels"][:, 0] = packed["targets"]["labels"][:, 0]
     return batch
 
 
-# ----------------------------------------------------------------------------- navit_seq step
+# ----------------------------------------------------------------------------- the trainer's step
 
 
-def build_classifier(
-    workload: Workload, *, seed: int, attention_impl: str
-) -> classifier.Classifier:
-    """navit_seq's Classifier (paper defaults: qk-norm, no biases, MAP head) at these sizes."""
-    config = navit.default_model_config()
-    config.attention_impl = attention_impl
-    config.width = workload.width
-    config.depth = workload.depth
-    config.num_heads = workload.num_heads
-    config.mlp_dim = workload.mlp_dim
-    config.num_classes = workload.num_classes
-    config.patch_size = workload.patch_size
-    config.num_channels = workload.channels
-    return classifier.Classifier(config, rngs=nnx.Rngs(seed))
+def trainer_config(workload: Workload, rows: int, attention_impl: str) -> ml_collections.ConfigDict:
+    """A classification recipe for the workload: navit_seq's Classifier (paper defaults:
+    qk-norm, no biases, MAP head) at its sizes, sigmoid cross-entropy, plain AdamW (constant
+    learning rate, no clipping) on one device, one batch of `rows` rows."""
+    config = ml_collections.ConfigDict()
+    config.trainer = "classification"
+    config.seed = workload.seed
+    config.loss = "sigmoid_xent"
+    config.mesh = config_common.default_mesh_config()
+    config.mesh.num_devices = 1
+    config.data = ml_collections.ConfigDict({"batch_size": rows})
+    config.model = navit.default_model_config()
+    config.model.attention_impl = attention_impl
+    config.model.width = workload.width
+    config.model.depth = workload.depth
+    config.model.num_heads = workload.num_heads
+    config.model.mlp_dim = workload.mlp_dim
+    config.model.num_classes = workload.num_classes
+    config.model.patch_size = workload.patch_size
+    config.model.num_channels = workload.channels
+    config.optimizer = config_common.default_optimizer_config()
+    config.optimizer.learning_rate = LEARNING_RATE
+    config.optimizer.weight_decay = ((".*", WEIGHT_DECAY),)
+    config.optimizer.grad_clip_norm = 0.0
+    config.optimizer.schedule.kind = "constant"
+    return config
 
 
-def packed_logits(model: classifier.Classifier, batch: Batch) -> jax.Array:
-    """The classifier as training runs it: segment-masked attention over packed rows."""
-    return model(batch, deterministic=True)["logits"]
-
-
-def unmasked_logits(model: classifier.Classifier, batch: Batch) -> jax.Array:
-    """The same modules and parameters as a plain ViT: no attention mask at all.
-
-    Mirrors NaViT.__call__ with no segment ids (models/attention.segment_self_attention: a
-    compile-time constant True mask that XLA folds away, XLA attention), so this step is what an
-    unpacked fixed-length ViT costs.
-    """
-    encoder = model.encoder
-    pixels = batch["patches"].astype(jnp.float32) / 127.5 - 1.0  # [B, L, P*P*C]
-    x = encoder.patch_embed(pixels)  # [B, L, D]
-    x = x + encoder.posemb(batch["patch_coords"], batch["segment_ids"], batch["image_grid"])
-    for block in encoder.blocks:
-        x = block(x, None, deterministic=True)
-    tokens = encoder.final_norm(x)  # [B, L, D]
-    in_slot = pooling.slot_token_mask(batch["segment_ids"], batch["example_valid"].shape[1])
-    return model.head(encoder.map_head(tokens, in_slot))  # [B, E, C]
-
-
-def make_train_step(model: nnx.Module, forward: Forward) -> tuple[Callable, tuple]:
-    """A jitted pure step (params, opt_state, batch) -> (params, opt_state, loss) + its state."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.tree.map(jnp.copy, params)  # the step donates its params; keep the model's
-    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-
-    def loss_fn(params, batch):
-        logits = forward(nnx.merge(graphdef, params, rest), batch)  # [B, E, C]
-        return losses.sigmoid_cross_entropy(logits, batch["labels"], batch["example_valid"])
-
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return train_step, (params, optimizer.init(params))
+def workload_objective(config: ml_collections.ConfigDict, batch: Batch) -> loop.Objective:
+    """The classification objective (`navit_seq.train.classification`) on the workload's batch."""
+    return loop.Objective(
+        batch_keys=classification.BATCH_KEYS,
+        model_fn=classification.model_fn(config),
+        loss=classification.make_loss(config),
+        eval_metrics=classification.make_eval_metrics(config),
+        train_iterator=lambda: itertools.repeat(batch),
+        eval_iterator=lambda: [batch],
+    )
 
 
 @dataclass(frozen=True)
@@ -302,20 +278,25 @@ def time_interleaved(
     ]
 
 
-def compile_jax_step(
-    model: nnx.Module, forward: Forward, batch: Batch, compiler_options: dict[str, str]
+def compile_trainer_step(
+    workload: Workload, batch: Batch, attention_impl: str
 ) -> tuple[Callable[[], None], jax.stages.Compiled]:
-    """A blocking runner of the compiled step on `batch` (donated state carried over)."""
-    train_step, state = make_train_step(model, forward)
-    device_batch = jax.device_put(batch)
-    compiled = train_step.lower(*state, device_batch).compile(compiler_options=compiler_options)
+    """A blocking runner of `loop.Trainer`'s compiled step on `batch` (donated state carried
+    over), and that executable."""
+    rows = batch["segment_ids"].shape[0]
+    config = trainer_config(workload, rows, attention_impl)
+    trainer = loop.Trainer(config, workload_objective(config, batch))
+    state = trainer.init_state()
+    device_batch = trainer.global_batch(batch)
+    compiled = trainer.compiled_train_step(state, device_batch)
 
     def run_step() -> None:
         nonlocal state
-        *state, loss = compiled(*state, device_batch)
-        jax.block_until_ready((state, loss))
-        if not np.isfinite(float(loss)):
-            raise RuntimeError(f"the training step produced a non-finite loss: {float(loss)}")
+        state, metrics = trainer.train_step(state, device_batch)
+        jax.block_until_ready((state, metrics))
+        loss = float(metrics["loss"].compute())
+        if not np.isfinite(loss):
+            raise RuntimeError(f"the training step produced a non-finite loss: {loss}")
 
     return run_step, compiled
 
@@ -442,11 +423,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-size", type=int, default=4096, help="matmul side for the peak")
     parser.add_argument("--peak-repeats", type=int, default=5)
     parser.add_argument(
-        "--xla-defaults",
-        action="store_true",
-        help="compile with XLA's default options instead of cpu_runtime.CPU_COMPILER_OPTIONS",
-    )
-    parser.add_argument(
         "--async-dispatch",
         action="store_true",
         help="keep JAX's asynchronous CPU dispatch instead of "
@@ -476,25 +452,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"packing kept {num_images} of {len(images)} images")
 
     on_cpu = jax.default_backend() == "cpu"
-    compiler_options = {} if args.xla_defaults else cpu_runtime.compiler_options()
+    compiler_options = cpu_runtime.compiler_options()  # what the trainer compiles with
     # The trainer's entry point does the same (navit_seq/main.py); process-wide, so the peer's
     # torch allocations get it too.
     kept_freed_memory = on_cpu and not args.glibc_defaults and cpu_runtime.keep_freed_memory()
     impl = args.attention_impl or ("fused_cpu" if on_cpu else "xla")
     load_before = os.getloadavg()[0]
-    xla_model = build_classifier(workload, seed=workload.seed, attention_impl="xla")
-    run_packed_xla, compiled_xla = compile_jax_step(
-        xla_model, packed_logits, packed, compiler_options
-    )
-    run_fixed, _ = compile_jax_step(xla_model, unmasked_logits, fixed, compiler_options)
+    run_packed_xla, compiled_xla = compile_trainer_step(workload, packed, "xla")
+    run_fixed, _ = compile_trainer_step(workload, fixed, "xla")
     if impl == "xla":  # the packed step is the XLA-attention step: compile and time it once
         packed_xla_step, fixed_step = time_interleaved(
             [run_packed_xla, run_fixed], warmup=args.warmup, steps=args.steps
         )
         packed_step = packed_xla_step
     else:
-        model = build_classifier(workload, seed=workload.seed, attention_impl=impl)
-        run_packed, _ = compile_jax_step(model, packed_logits, packed, compiler_options)
+        run_packed, _ = compile_trainer_step(workload, packed, impl)
         packed_step, packed_xla_step, fixed_step = time_interleaved(
             [run_packed, run_packed_xla, run_fixed], warmup=args.warmup, steps=args.steps
         )

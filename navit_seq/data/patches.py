@@ -1,4 +1,5 @@
-"""Pixels to patch tokens: channel/dtype standardization, patchify, and its inverse.
+"""Pixels to patch tokens: channel/dtype standardization, patchify, its inverse, and the
+model's pixel scale (`unit_range`).
 
 Patch pixel layout: (p_row, p_col, channel) row-major, uint8, so a patch reshapes back to
 [P, P, 3]. Each patch keeps its (row, col) in the image's grid and the image keeps its (rows,
@@ -8,6 +9,15 @@ cols), so the model can compute absolute and fractional positions alike.
 import numpy as np
 
 NUM_CHANNELS = 3
+PIXEL_MAX = 255  # uint8 patches: 0 .. PIXEL_MAX
+
+
+def unit_range(patches, dtype):
+    """uint8 pixels (a numpy or JAX array) -> `dtype` values in [-1, 1]: 0 -> -1, 255 -> 1.
+
+    The one place the data's pixel scale meets the model (NaViT's patch embedding calls it).
+    """
+    return patches.astype(dtype) / (PIXEL_MAX / 2) - 1.0
 
 
 def standardize_pixels(image: np.ndarray, example_id: int) -> tuple[np.ndarray, dict[str, int]]:

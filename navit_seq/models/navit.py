@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from navit_seq.data.patches import unit_range
 from navit_seq.models.attention import SelfAttention
 from navit_seq.models.partitioning import constrain, layer_norm, partitioned
 from navit_seq.models.pooling import POOLINGS, MAPHead, masked_mean_pool, slot_token_mask
@@ -278,7 +279,7 @@ class NaViT(nnx.Module):
                 "model.patch_size match data.patch_size."
             )
         token_valid = (segment_ids > 0)[..., None]  # [B, L, 1]
-        pixels = patches.astype(self.dtype) / 127.5 - 1.0  # [B, L, P*P*C] in [-1, 1]
+        pixels = unit_range(patches, self.dtype)  # [B, L, P*P*C] in [-1, 1]
         x = self.patch_embed(pixels)  # [B, L, D]
         x = x + self.posemb(batch["patch_coords"], segment_ids, batch["image_grid"]).astype(
             self.dtype

@@ -16,7 +16,10 @@ from flax import nnx
 
 from navit_seq import pipeline
 from navit_seq.losses import classification as losses
-from navit_seq.train.loop import MetricDict, Objective
+from navit_seq.train.loop import IMAGE_KEYS, MetricDict, Objective
+
+# What the classifier and its loss read: the packed images and their multi-hot labels.
+BATCH_KEYS = (*IMAGE_KEYS, "targets")
 
 
 def per_example_losses(config: ml_collections.ConfigDict):
@@ -104,6 +107,7 @@ def objective(config: ml_collections.ConfigDict) -> Objective:
     """The classification objective of a recipe (`config.trainer = "classification"`)."""
     resolve_num_classes(config)
     return Objective(
+        batch_keys=BATCH_KEYS,
         model_fn=model_fn(config),
         loss=make_loss(config),
         eval_metrics=make_eval_metrics(config),

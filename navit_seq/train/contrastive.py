@@ -29,9 +29,11 @@ from flax import nnx
 from navit_seq import pipeline, sharding
 from navit_seq.evaluation import retrieval
 from navit_seq.losses import contrastive as losses
-from navit_seq.train.loop import MetricDict, Objective, close_iterator, model_inputs
+from navit_seq.train.loop import IMAGE_KEYS, MetricDict, Objective, close_iterator, model_inputs
 
 LOSSES = ("sigmoid", "softmax")
+# What the two towers read: the packed images and each slot's caption tokens.
+BATCH_KEYS = (*IMAGE_KEYS, "text_tokens", "text_segment_ids")
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
@@ -211,7 +213,7 @@ def zero_shot_classification(
     batches = iter(pipeline.split_dataset(data_config, data_config.eval_split, train=False))
     try:
         for batch in batches:
-            embeddings, valid = jax.device_get(embed_images(model_inputs(batch)))
+            embeddings, valid = jax.device_get(embed_images(model_inputs(batch, IMAGE_KEYS)))
             image_emb.append(embeddings[valid])  # [n, D]
             labels.append(batch["targets"]["labels"][valid] > 0.5)  # [n, C]
     finally:
@@ -225,6 +227,7 @@ def objective(config: ml_collections.ConfigDict) -> Objective:
     """The contrastive objective of a recipe (`config.trainer = "contrastive"`)."""
     resolve_config(config)
     return Objective(
+        batch_keys=BATCH_KEYS,
         model_fn=model_fn(config),
         loss=make_loss(config),
         eval_metrics=make_eval_metrics(config),

@@ -33,12 +33,19 @@ MetricDict = dict[str, clu_metrics.Metric]  # clu metrics; merge() accumulates e
 # loss(model, batch, deterministic) -> (summed loss, summed weight, metrics). Returning sums lets
 # gradient accumulation give exactly the full-batch gradient: grad(sum) / total weight.
 LossFn = Callable[[nnx.Module, Batch, bool], tuple[jax.Array, jax.Array, MetricDict]]
+# The packed image batch (docs/architecture.md §3) that every NaViT-based objective's encoder
+# reads; the step's own metrics read `segment_ids` and `example_valid` (STEP_KEYS).
+IMAGE_KEYS = ("patches", "segment_ids", "patch_coords", "image_grid", "example_valid")
+STEP_KEYS = ("segment_ids", "example_valid")
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """What a per-objective trainer module provides to the shared loop."""
 
+    # The batch keys its loss and eval metrics read: only these go to devices (`model_inputs`);
+    # host-only fields such as `example_id`, `original_size` or `crop_box` stay behind.
+    batch_keys: tuple[str, ...]
     model_fn: Callable[[], nnx.Module]  # builds the model (called under the mesh)
     loss: LossFn
     eval_metrics: Callable[[nnx.Module, Batch], MetricDict]
@@ -74,13 +81,18 @@ def compute_metrics(metrics: MetricDict) -> dict[str, float]:
     return metrics_lib.to_scalars({name: v for name, v in values.items() if v is not None})
 
 
-def model_inputs(batch: Batch) -> dict[str, Any]:
-    """The array part of a pipeline batch (statistics or strings stay on the host)."""
-    return {
-        k: v
-        for k, v in batch.items()
-        if isinstance(v, Mapping) or np.asarray(v).dtype.kind in "biuf"
-    }
+def model_inputs(batch: Batch, keys: Iterable[str], *, reader: str = "the step") -> dict[str, Any]:
+    """The entries `keys` of a pipeline batch: what goes to devices (the rest stays on the host).
+
+    A missing key is a ValueError naming it and `reader` (e.g. the objective that declared it).
+    """
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        raise ValueError(
+            f"{reader} reads batch keys {missing}, which the batch lacks (it has "
+            f"{sorted(batch)}); fix the objective's batch_keys or the pipeline's task."
+        )
+    return {key: batch[key] for key in keys}
 
 
 def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
@@ -154,7 +166,10 @@ def make_train_step(
         segment_ids = batch["segment_ids"]  # [B, L]
         metrics = dict(metrics)
         metrics.update(
-            learning_rate=clu_metrics.LastValue.from_model_output(schedule(state.step)),
+            # asarray: optax's constant schedule returns a Python float
+            learning_rate=clu_metrics.LastValue.from_model_output(
+                jnp.asarray(schedule(state.step))
+            ),
             grad_norm=clu_metrics.Average.from_model_output(optax.global_norm(grads)),
             param_norm=clu_metrics.LastValue.from_model_output(optax.global_norm(params)),
             padding_fraction=clu_metrics.Average.from_model_output(
@@ -199,6 +214,12 @@ class Trainer:
 
     def __post_init__(self):
         config = self.config
+        missing = [key for key in STEP_KEYS if key not in self.objective.batch_keys]
+        if missing:
+            raise ValueError(
+                f"objective {config.trainer!r}: batch_keys {self.objective.batch_keys} lack "
+                f"{missing}, which the train step's own metrics read; add them."
+            )
         self.mesh = sharding.make_mesh(config.mesh)
         self.rules = sharding.logical_rules(config.mesh)
         self.tx, self.schedule = optimizer_lib.make_optimizer(config.optimizer)
@@ -251,16 +272,28 @@ class Trainer:
             )[1]
 
     def global_batch(self, local_batch: Batch) -> dict[str, jax.Array]:
-        return sharding.global_batch(model_inputs(local_batch), self.batch_sharding)
+        """The objective's batch keys of this host's batch, as global sharded arrays."""
+        inputs = model_inputs(
+            local_batch, self.objective.batch_keys, reader=f"objective {self.config.trainer!r}"
+        )
+        return sharding.global_batch(inputs, self.batch_sharding)
+
+    def compiled_train_step(
+        self, state: state_lib.TrainState, batch: dict[str, jax.Array]
+    ) -> jax.stages.Compiled:
+        """The train step compiled for these shapes: on first call, with its memory use printed
+        (benchmarks time and cost-analyse this very executable)."""
+        if self._compiled_train_step is None:
+            with self.context():
+                compiled = self._train_step.lower(state, batch).compile()
+            log_memory_analysis(compiled)
+            self._compiled_train_step = compiled
+        return self._compiled_train_step
 
     def train_step(self, state: state_lib.TrainState, batch: dict[str, jax.Array]):
         """Runs the compiled step; compiles (and prints memory use) on first call."""
         with self.context():
-            if self._compiled_train_step is None:
-                compiled = self._train_step.lower(state, batch).compile()
-                log_memory_analysis(compiled)
-                self._compiled_train_step = compiled
-            return self._compiled_train_step(state, batch)
+            return self.compiled_train_step(state, batch)(state, batch)
 
     def evaluate(self, state: state_lib.TrainState, batches: Iterable[Batch]) -> dict[str, float]:
         """Metrics of one pass over `batches` (the eval iterator is closed afterwards)."""
@@ -417,7 +450,9 @@ def train_and_evaluate(
                 elapsed = time.perf_counter() - window_start
                 scalars = compute_metrics(window)
                 if config.get("log_batch_fingerprint", False):
-                    scalars["batch_fingerprint"] = batch_fingerprint(local_batch)
+                    scalars["batch_fingerprint"] = batch_fingerprint(
+                        local_batch, objective.batch_keys
+                    )
                 last_good = checkpointer.path(last_saved) if last_saved is not None else None
                 last_scalars = _log_train(logger, step, scalars, elapsed, timed_steps, last_good)
                 window, window_start, timed_steps = None, time.perf_counter(), 0
@@ -453,10 +488,11 @@ def is_due(step: int, every_steps: int, last_step: int) -> bool:
     return every_steps > 0 and (step % every_steps == 0 or step == last_step)
 
 
-def batch_fingerprint(batch: Batch) -> float:
-    """CRC32 of this host's batch arrays: lets tests and users check two runs saw one stream."""
+def batch_fingerprint(batch: Batch, keys: Iterable[str]) -> float:
+    """CRC32 of this host's batch arrays `keys` (what the step reads): lets tests and users
+    check two runs saw one stream."""
     crc = 0
-    for leaf in jax.tree.leaves(model_inputs(batch)):
+    for leaf in jax.tree.leaves(model_inputs(batch, keys)):
         crc = zlib.crc32(np.ascontiguousarray(leaf).tobytes(), crc)
     return float(crc)
 

@@ -94,30 +94,3 @@ def make_optimizer(
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     parts.append(optax.multi_transform(groups, labels))
     return optax.chain(*parts), schedule
-
-
-def default_optimizer_config() -> ml_collections.ConfigDict:
-    """Defaults every recipe starts from (and overrides)."""
-    return ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            learning_rate=1e-3,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            # (regex, decay) pairs, first match wins; e.g. NaViT: head 3.0, body 0.03.
-            weight_decay=((".*", 1e-4),),
-            frozen=(),  # regexes of parameters that are not trained
-            grad_clip_norm=1.0,  # 0 = no clipping
-            grad_accum_steps=1,  # micro-batches per step (the batch is split, one update)
-            ema_decay=0.0,  # 0 = no EMA of parameters
-            schedule=dict(
-                kind="cosine",
-                warmup_steps=0,
-                decay_steps=1000,  # usually num_train_steps
-                end_factor=0.0,  # cosine/linear: final lr = end_factor * peak
-                timescale=10_000,  # rsqrt
-                cooldown_steps=0,  # rsqrt
-            ),
-        )
-    )

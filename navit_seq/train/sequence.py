@@ -148,6 +148,19 @@ def objective(config: ml_collections.ConfigDict) -> Objective:
     resolve_config(config, task_list)
     ids = task_ids(config, task_list)
     return Objective(
+        # The packed images (loop.IMAGE_KEYS), each slot's task (per-task losses), the rows.
+        batch_keys=(
+            "patches",
+            "segment_ids",
+            "patch_coords",
+            "image_grid",
+            "example_valid",
+            "task_id",
+            "row_slot",
+            "decoder_input",
+            "decoder_target",
+            "decoder_weights",
+        ),
         model_fn=model_fn(config),
         loss=make_loss(config, ids),
         eval_metrics=make_eval_metrics(config, ids),

@@ -59,3 +59,14 @@ def test_zero_size_image_raises_naming_the_example():
 def test_float_image_raises_naming_dtype_and_fix():
     with pytest.raises(ValueError, match="float32 is not uint8 or uint16; convert"):
         patches.standardize_pixels(np.zeros((5, 5, 3), np.float32), example_id=0)
+
+
+def test_unit_range_maps_uint8_pixels_to_minus_one_one_in_numpy_and_jax():
+    import jax.numpy as jnp
+
+    pixels = np.array([0, 64, 255], np.uint8)
+    expected = [-1.0, 64 / 127.5 - 1.0, 1.0]
+    np.testing.assert_allclose(patches.unit_range(pixels, np.float32), expected, rtol=1e-6)
+    in_jax = patches.unit_range(jnp.asarray(pixels), jnp.bfloat16)
+    assert in_jax.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(in_jax, np.float32), expected, atol=1e-2)

@@ -92,6 +92,28 @@ def test_train_step_reports_padding_fraction_and_counts_of_the_batch(one_ema_ste
     assert np.isfinite(scalars["grad_norm"]) and scalars["grad_norm"] > 0
 
 
+def test_only_the_objectives_batch_keys_go_to_devices(one_ema_step):
+    config, _, local, _, _ = one_ema_step
+    trainer = loop.Trainer(config, toy_objective(config))
+    assert "example_id" in local and "task_id" in local  # host-only here: the toy never reads them
+    assert set(trainer.global_batch(local)) == set(toy_objective(config).batch_keys)
+
+
+def test_a_batch_key_the_objective_reads_but_the_batch_lacks_is_an_error_naming_it():
+    batch = {"patches": np.zeros((1, 2, 3)), "segment_ids": np.zeros((1, 2))}
+    with pytest.raises(ValueError, match=r"objective 'toy' reads batch keys \['targets'\]"):
+        loop.model_inputs(batch, ("patches", "targets"), reader="objective 'toy'")
+
+
+def test_an_objective_without_the_steps_own_keys_is_refused_naming_them():
+    import dataclasses
+
+    config = toy_config((-1, 1, 1))
+    objective = dataclasses.replace(toy_objective(config), batch_keys=("patches", "targets"))
+    with pytest.raises(ValueError, match=r"lack \['segment_ids', 'example_valid'\]"):
+        loop.Trainer(config, objective)
+
+
 def test_non_finite_metrics_stop_with_the_last_good_checkpoint_named():
     with pytest.raises(metrics_lib.NonFiniteError, match="step 7.*last good checkpoint is /c/6"):
         metrics_lib.check_finite(7, {"loss": float("nan"), "grad_norm": 1.0}, "/c/6")

@@ -6,11 +6,12 @@ import numpy as np
 import optax
 import pytest
 
+from navit_seq import config_common
 from navit_seq.train import optimizer as optimizer_lib
 
 
 def config(**schedule):
-    c = optimizer_lib.default_optimizer_config()
+    c = config_common.default_optimizer_config()
     c.learning_rate = 0.1
     c.schedule.update(schedule)
     return c

@@ -132,7 +132,7 @@ def test_objective_gives_a_finite_loss_on_a_pipeline_batch_of_all_four_tasks(sce
     config.data.mixing = "data"
     config.data.task.seq_len = config.model.decoder.max_len = 40  # keypoints: 6 + 34 tokens
     objective = sequence.objective(config)
-    batch = loop.model_inputs(next(objective.train_iterator()))
+    batch = loop.model_inputs(next(objective.train_iterator()), objective.batch_keys)
     model = objective.model_fn()
     loss_sum, weight_sum, metrics = jax.jit(lambda b: objective.loss(model, b, True))(batch)
     scalars = loop.compute_metrics(metrics)

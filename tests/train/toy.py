@@ -99,6 +99,7 @@ def toy_objective(config):
         max_examples=config.data.max_examples_per_seq,
     )
     return Objective(
+        batch_keys=classification.BATCH_KEYS,
         model_fn=lambda: ToyClassifier(
             dropout=config.model.get("dropout", 0.1), rngs=nnx.Rngs(config.seed)
         ),
@@ -117,7 +118,7 @@ def toy_config(mesh_shape=(-1, 1, 1), num_devices=-1):
     """A complete training config for the toy objective."""
     import ml_collections
 
-    from navit_seq.train.optimizer import default_optimizer_config
+    from navit_seq.config_common import default_optimizer_config
 
     config = ml_collections.ConfigDict()
     config.seed = 0

@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: `trai
 
 from train import toy  # noqa: E402
 
-from navit_seq import config_utils  # noqa: E402
+from navit_seq import config_common  # noqa: E402
 
 
 def get_config(arg=None):
@@ -18,7 +18,7 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 2
     config.log_batch_fingerprint = True
     config.data.sleep_s = 0.0  # > 0 lets the preemption tests catch the run mid-way
-    options = config_utils.recipe_options(arg, known=("steps", "sleep"))  # "steps=40,sleep=0.05"
+    options = config_common.recipe_options(arg, known=("steps", "sleep"))  # "steps=40,sleep=0.05"
     config.num_train_steps = int(options.get("steps", config.num_train_steps))
     config.data.sleep_s = float(options.get("sleep", 0.0))
     return config
