@@ -10,6 +10,10 @@ to `num_train_steps` the same way. Only ml_collections is imported here: reading
 never starts JAX.
 """
 
+import importlib.util
+import os
+import pathlib
+import types
 from collections.abc import Sequence
 
 import ml_collections
@@ -155,3 +159,13 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
             ),
         )
     )
+
+
+def load_recipe(path: str | os.PathLike) -> types.ModuleType:
+    """The recipe file at `path` as a module, so one recipe can build on another's
+    `get_config` (configs/ is not a package: ml_collections loads recipes by path)."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"navit_seq_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
