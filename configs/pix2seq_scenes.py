@@ -73,6 +73,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.eval_max_tokens = 100
     config.data.max_grid_side = max_grid_side
     config.data.num_workers = 1
+    # Decoded training examples stay in the worker's memory (sources.CachedSource): from the
+    # second epoch on, no record parsing or image decoding (pipeline CPU per batch of ~107
+    # scenes_easy images 0.295 -> 0.192 s). ~1.2 GB for 4000 scenes_easy examples of sides
+    # 48-640; a larger dataset fills the budget and decodes the rest each time.
+    config.data.source_cache_mb = 2048
     config.data.token_drop.kind = "none"
     names = options.get("tasks", "+".join(TASKS)).split("+")
     unknown = sorted(set(names) - set(TASKS))

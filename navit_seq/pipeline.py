@@ -44,6 +44,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             "pack_buffer_size": 64,  # look-ahead images that wait for a later batch
             "num_workers": 1,  # grain worker processes for the per-image work
             "worker_threads": 1,  # reader threads per worker (the machine has 2 cores)
+            # MiB of decoded training examples each process keeps (sources.CachedSource):
+            # later epochs skip record parsing and image decoding. 0: decode every time.
+            "source_cache_mb": 0,
             "worker_buffer_size": 64,  # per-image elements each worker prefetches
             "resolution": resolution.default_resolution_config(),
             "augment": augment.default_augment_config(),  # training only (flips)
@@ -410,7 +413,8 @@ def split_dataset(
 
     from navit_seq.data import sources
 
-    source = sources.data_source(config.name, split, data_dir=config.data_dir)
+    cache_mb = config.source_cache_mb if train else 0  # an evaluation pass reads each once
+    source = sources.data_source(config.name, split, data_dir=config.data_dir, cache_mb=cache_mb)
     return make_dataset(
         source,
         config,

@@ -202,3 +202,24 @@ def test_eval_side_fixes_every_longer_side_and_zero_keeps_the_token_budget(sourc
     assert all(rows * cols <= 64 for rows, cols in budget) and max(map(max, budget)) > 4
     with pytest.raises(ValueError, match="data.eval_side=-1"):
         eval_grids(eval_side=-1)
+
+
+def test_cached_source_gives_the_same_batches_over_several_epochs(scenes_data_dir):
+    """Decoded examples kept in memory (data.source_cache_mb) change no batch: nothing
+    downstream (flips, keypoint crops, the four task codecs) writes into a cached example."""
+    from navit_seq import config_utils
+
+    config = config_utils.load_config_file(
+        f"configs/pix2seq_scenes.py:data_dir={scenes_data_dir}"
+    ).data
+    config.update(num_workers=0, batch_size=4, mixing="data")  # per example
+    config.augment.flip_left_right = 0.5
+
+    def batches(cache_mb: int) -> list[dict]:
+        config.source_cache_mb = cache_mb
+        iterator = iter(pipeline.split_dataset(config, "train", train=True))
+        return [next(iterator) for _ in range(12)]  # 24 examples: more than two epochs
+
+    for want, got in zip(batches(0), batches(64), strict=True):
+        for key in ("patches", "example_id", "decoder_input", "decoder_target", "task_id"):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)

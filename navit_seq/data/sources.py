@@ -162,8 +162,10 @@ def _nbytes(example: dict[str, Any]) -> int:
     for value in example.values():
         if isinstance(value, dict):
             total += _nbytes(value)
+        elif isinstance(value, np.ndarray) and value.dtype == object:  # text, RLE bytes
+            total += value.nbytes + sum(len(v) for v in value.ravel())
         elif isinstance(value, np.ndarray):
-            total += value.nbytes + sum(len(v) for v in value.ravel() if isinstance(v, bytes | str))
+            total += value.nbytes
         else:
             total += len(value) if isinstance(value, bytes | str) else 8
     return total
