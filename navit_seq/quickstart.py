@@ -113,9 +113,10 @@ def main(argv: list[str] | None = None) -> None:
          "--config.evaluation.every_steps=-1"],
     )  # fmt: skip
     run_stage(
-        "evaluate the final checkpoint (COCO AP, caption scores, a picture grid)",
+        "evaluate the final checkpoint on all 500 validation images (COCO AP, caption "
+        "scores, a picture grid)",
         ["python", "-m", "navit_seq.evaluate", "--config", recipe, "--workdir", args.workdir,
-         data_dir],
+         data_dir, "--config.evaluation.num_images=0"],
     )  # fmt: skip
     run_stage(
         "draw the learning curves of both stages",
