@@ -167,6 +167,9 @@ def test_scenes_detection_alone_on_the_easy_scenes_uses_rows_that_hold_its_objec
     assert easy.model.to_dict() == all_tasks.model.to_dict()  # init_from carries it over
     full_scenes = config_utils.load_config_file(f"{SCENES}:tasks=detection")
     assert full_scenes.data.task.seq_len == 64  # 10 objects + noise do not fit in fewer
+    # Masks and keypoints are prompted by twice as many top boxes as a scene holds objects.
+    assert all_tasks.evaluation.max_instances == 2 * most_objects["scenes_easy"]
+    assert full_scenes.evaluation.max_instances == 16  # the default: 2 x 10 would be more
 
 
 RECIPES = ("quickstart", "navit_shapes", "navit_textures", "contrastive", "pix2seq_scenes",
