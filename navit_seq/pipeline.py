@@ -23,6 +23,7 @@ from absl import flags
 
 from navit_seq import cli, tasks
 from navit_seq.data import augment, mixing, packing, patches, resolution, token_drop
+from navit_seq.data import token_labels as token_labels_lib
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -58,6 +59,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             # learned position table is never indexed out of range.
             "max_grid_side": 64,
             "token_drop": token_drop.default_token_drop_config(),
+            # Per-slot label grids of the class under each patch (navit_seq.data.token_labels),
+            # for the sequence objective's `loss.token_label_weight`; needs max_grid_side > 0.
+            "token_labels": False,
             "task": {"name": "classification", "num_classes": 0},  # 0: read from the source
             # Multi-task: ((task name, weight), ...) sharing data.task's options; empty: data.task.
             "tasks": (),
@@ -92,6 +96,11 @@ def validate_data_config(config: ml_collections.ConfigDict, process_count: int =
         raise ValueError(
             f"data.max_grid_side={config.max_grid_side}; use 0 (no limit) or the model's "
             "model.posemb.max_len."
+        )
+    if config.get("token_labels", False) and config.max_grid_side < 1:
+        raise ValueError(
+            "data.token_labels=True labels a grid of data.max_grid_side patches per side, but "
+            "data.max_grid_side=0 (no limit); set it to the model's model.posemb.max_len."
         )
     if not 0 < config.eval_max_tokens <= config.seq_len:
         raise ValueError(
@@ -230,8 +239,12 @@ class PrepareImage(grain.transforms.RandomMap):
         max_grid_side: int,
         training: bool,
         flip_probability: float = 0.0,
+        token_label_classes: int = 0,
     ):
+        """`token_label_classes` > 0: each image carries its token-label grid over that many
+        classes (navit_seq.data.token_labels); 0: none."""
         self.task_list = list(task_list)
+        self.token_label_classes = token_label_classes
         self.flip_probability = flip_probability if training else 0.0
         self.ragged_names = tuple(ragged_names)
         self.training = training
@@ -272,8 +285,22 @@ class PrepareImage(grain.transforms.RandomMap):
                 rng,
                 counts,
             )
+            if self.token_label_classes:
+                view_targets[token_labels_lib.TARGET_KEY] = self._token_labels(
+                    element, whole_image=pixels is image, image_grid=tokens["image_grid"]
+                )
             images.append({**tokens, **common, "targets": view_targets, "ragged": ragged})
         return {"images": images, "counts": counts, **common}
+
+    def _token_labels(self, element: dict, whole_image: bool, image_grid: np.ndarray):
+        """[G, G] label grid of one view: IGNORE unless the view shows the example's whole
+        image (the boxes' frame) and the example has annotated objects."""
+        if not whole_image or "objects" not in element:
+            return token_labels_lib.ignored_grid(self.max_grid_side)
+        rows, cols = (int(n) for n in image_grid)
+        return token_labels_lib.label_grid(
+            element["objects"], self.token_label_classes, rows, cols, self.max_grid_side
+        )
 
 
 def host_seed(seed: int, process_index: int, *stream: int) -> int:
@@ -297,6 +324,8 @@ def _shared_specs(
                     f"Task {task.name!r} shapes {name!r} as {spec}, another task of data.tasks "
                     f"as {table[name]}; give them the same data.task options (e.g. seq_len)."
                 )
+    if config.get("token_labels", False):
+        target_spec.update(token_labels_lib.target_spec(config.max_grid_side))
     return target_spec, tuple(ragged_specs.values())
 
 
@@ -347,8 +376,16 @@ def per_image_dataset(
             config.max_grid_side,
             training=train,
             flip_probability=augment_config.flip_left_right,
+            token_label_classes=_token_label_classes(config),
         )
     )
+
+
+def _token_label_classes(config: ml_collections.ConfigDict) -> int:
+    """Classes of the token labels (`data.task.num_classes` or the dataset's); 0 when off."""
+    if not config.get("token_labels", False):
+        return 0
+    return tasks.num_classes(tasks.task_config(config, config.task.name))
 
 
 def eval_resolution_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -10,6 +10,11 @@ a position embedding of their own (fractional sinusoidal: the frame the box targ
 normalised in, whatever the image's grid) and passed through a residual MLP. "encoder" feeds
 the encoder tokens to cross-attention as they are.
 
+With `model.token_labels`, a linear head on the encoder tokens also gives `token_logits
+[B, L, 1 + num_classes]` (background first): the target of the token-label loss
+(navit_seq.data.token_labels), a dense recognition signal for the encoder; `model.num_classes`
+is then the dataset's class count (0: filled from the tasks' vocabulary by the objective).
+
 YOLOR implicit knowledge (`model.implicit`, navit_seq.models.implicit; off by default) may be
 combined with the memory (alignment) and with the decoder output (refinement, per task).
 """
@@ -41,6 +46,8 @@ def default_pix2seq_config() -> ml_collections.ConfigDict:
     (navit_seq.models.implicit.default_implicit_config); without it there is none."""
     config = default_model_config()
     config.pooling = "none"
+    config.token_labels = False  # a token-label head on the encoder tokens (module docstring)
+    config.num_classes = 0  # classes of the token-label head; 0: the tasks' (resolve_config)
     config.decoder = default_decoder_config()
     return config
 
@@ -92,6 +99,23 @@ class DecoderMemory(nnx.Module):
         return constrain(memory, ("act_batch", "act_len", "act_emb"))
 
 
+def token_classifier(
+    config: ml_collections.ConfigDict, encoder_width: int, *, rngs: nnx.Rngs
+) -> nnx.Linear:
+    """The token-label head: encoder tokens [B, L, D_enc] -> [B, L, 1 + num_classes]."""
+    if config.num_classes < 1:
+        raise ValueError(
+            f"model.token_labels=True with model.num_classes={config.num_classes}; set the "
+            "dataset's class count (the sequence objective fills 0 from the tasks)."
+        )
+    return nnx.Linear(
+        encoder_width, 1 + config.num_classes, dtype=dtype_of(config.dtype),
+        param_dtype=dtype_of(config.param_dtype),
+        kernel_init=partitioned(nnx.initializers.zeros, ("embed", "classes")),
+        bias_init=partitioned(nnx.initializers.zeros, ("classes",)), rngs=rngs,
+    )  # fmt: skip
+
+
 class Pix2Seq(nnx.Module):
     """NaViT encoder + sequence decoder (see the module docstring)."""
 
@@ -124,6 +148,11 @@ class Pix2Seq(nnx.Module):
         self.implicit_alignment = implicit_lib.alignment(
             implicit, memory_width, param_dtype=dtype_of(config.decoder.param_dtype), rngs=rngs
         )
+        self.token_classifier = (
+            token_classifier(config, encoder_width, rngs=rngs)
+            if config.get("token_labels", False)
+            else None
+        )
 
     def __call__(
         self, batch: Mapping[str, jax.Array], *, deterministic: bool
@@ -146,6 +175,9 @@ class Pix2Seq(nnx.Module):
         """The encoder's outputs (§4) plus "memory" [B, L, D]: what the decoder reads."""
         outputs = self.encoder(batch, deterministic=deterministic)
         tokens = outputs["tokens"]
+        if self.token_classifier is not None:
+            token_logits = self.token_classifier(tokens).astype(jnp.float32)  # [B, L, 1 + C]
+            outputs = {**outputs, "token_logits": token_logits}
         memory = tokens if self.memory is None else self.memory(tokens, batch)
         if self.implicit_alignment is not None:  # YOLOR feature alignment
             memory = implicit_lib.align(self.implicit_alignment, memory, batch["segment_ids"] > 0)

@@ -81,7 +81,9 @@ class Task(Protocol):
     def views(self, image: np.ndarray, targets: dict) -> list[tuple[np.ndarray, dict]]:
         """The packed images an encoded example becomes: (pixels [h, w, C], their targets)
         each. Most tasks show the whole image with all targets (`whole_image`); keypoints
-        show one crop per person with that person's row; none: the example gives no image."""
+        show one crop per person with that person's row; none: the example gives no image.
+        A whole-image view returns `image` itself (the pipeline's token labels, in the
+        example's frame, are given only to such views)."""
 
 
 def whole_image(image: np.ndarray, targets: dict) -> list[tuple[np.ndarray, dict]]:

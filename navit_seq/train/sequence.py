@@ -9,6 +9,11 @@ sequence tasks of `data.task` / `data.tasks` (mixed per batch or per example, `d
 Logged per task (by the task of each row's image): `loss/<task>` (left out of a window
 without that task, never a false 0 or NaN) and `weight_share/<task>`, the task's share of the
 loss weight (0 in such a window).
+
+Token labels (`loss.token_label_weight` > 0, with `data.token_labels` and `model.token_labels`,
+navit_seq.data.token_labels): each labelled encoder token adds `weight * ce` of its class
+logits to the loss sum, before the one division by the decoder rows' total weight; logged as
+`loss/token_labels` (mean over labelled tokens) and `token_label_accuracy`.
 """
 
 from collections.abc import Mapping, Sequence
@@ -24,13 +29,15 @@ from flax import nnx
 
 from navit_seq import inference, pipeline
 from navit_seq.losses import sequence as losses
+from navit_seq.losses import token_labels as token_label_losses
 from navit_seq.tasks.sequence import SequenceTask, sequence_tasks
 from navit_seq.train.loop import MetricDict, Objective
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
-    """`config.loss`: label smoothing 0 (Pix2Seq's reference trains without it)."""
-    return ml_collections.ConfigDict({"label_smoothing": 0.0})
+    """`config.loss`: label smoothing 0 (Pix2Seq's reference trains without it); no token
+    labels (Pix2Seq trains the encoder through the decoder alone)."""
+    return ml_collections.ConfigDict({"label_smoothing": 0.0, "token_label_weight": 0.0})
 
 
 @flax.struct.dataclass
@@ -76,6 +83,9 @@ def resolve_config(
             decoder.coord_offset = vocab.coord_offset
         if not decoder.get("num_bins"):
             decoder.num_bins = vocab.num_bins
+        if config.model.get("token_labels", False) and not config.model.get("num_classes"):
+            config.model.num_classes = vocab.num_classes
+    _check_token_labels(config, vocab.num_classes)
     if decoder.vocab_size < vocab_size:
         raise ValueError(
             f"config.model.decoder.vocab_size={decoder.vocab_size} < the tasks' vocabulary "
@@ -87,6 +97,33 @@ def resolve_config(
             f"{config.data.task.seq_len}; the decoder's position table must cover every row."
         )
     pipeline.check_model_patch_size(config.model.patch_size, config.data, "config.model.patch_size")
+
+
+def token_label_weight(config: ml_collections.ConfigDict) -> float:
+    """`loss.token_label_weight` (0 when the recipe's loss section has none)."""
+    return float(config.get("loss", default_loss_config()).get("token_label_weight", 0.0))
+
+
+def _check_token_labels(config: ml_collections.ConfigDict, num_classes: int) -> None:
+    """The three token-label fields agree (module docstring)."""
+    weight = token_label_weight(config)
+    on = {
+        "data.token_labels": bool(config.data.get("token_labels", False)),
+        "model.token_labels": bool(config.model.get("token_labels", False)),
+    }
+    if weight < 0:
+        raise ValueError(f"loss.token_label_weight={weight}; use 0 (off) or a positive weight.")
+    if weight > 0 and not all(on.values()):
+        off = [name for name, value in on.items() if not value]
+        raise ValueError(
+            f"loss.token_label_weight={weight} needs token labels, but {off} is False; set "
+            "data.token_labels=True and model.token_labels=True (or the weight to 0)."
+        )
+    if on["model.token_labels"] and config.model.num_classes != num_classes:
+        raise ValueError(
+            f"model.num_classes={config.model.num_classes} but the tasks have {num_classes} "
+            "classes; set model.num_classes=0 to take the tasks'."
+        )
 
 
 def model_fn(config: ml_collections.ConfigDict):
@@ -111,18 +148,35 @@ def _metrics(
     return metrics
 
 
+def _token_label_metrics(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any]):
+    """(sum of token-label ce, its metrics)."""
+    ce_sum, count, right = token_label_losses.token_label_sums(outputs["token_logits"], batch)
+    metrics = {
+        "loss/token_labels": WeightedAverage(total=ce_sum, count=count),
+        "token_label_accuracy": WeightedAverage(total=right, count=count),
+    }
+    return ce_sum, metrics
+
+
 def make_loss(config: ml_collections.ConfigDict, ids: Mapping[str, int]):
-    """loss(model, batch, deterministic) -> (sum of w * ce, sum of w, metrics)."""
+    """loss(model, batch, deterministic) -> (sum of w * ce [+ token-label sum], sum of w,
+    metrics)."""
     smoothing = config.get("loss", default_loss_config()).get("label_smoothing", 0.0)
+    label_weight = token_label_weight(config)
 
     def loss(
         model: nnx.Module, batch: Mapping[str, Any], deterministic: bool
     ) -> tuple[jax.Array, jax.Array, MetricDict]:
-        logits = model(batch, deterministic=deterministic)["logits"]  # [B, R, T, V]
+        outputs = model(batch, deterministic=deterministic)
         loss_sum, weight_sum, weighted = losses.weighted_sums(
-            logits, batch["decoder_target"], batch["decoder_weights"], smoothing
-        )
-        return loss_sum, weight_sum, _metrics(loss_sum, weight_sum, weighted, batch, ids)
+            outputs["logits"], batch["decoder_target"], batch["decoder_weights"], smoothing
+        )  # logits [B, R, T, V]
+        metrics = _metrics(loss_sum, weight_sum, weighted, batch, ids)
+        if label_weight > 0:
+            label_sum, label_metrics = _token_label_metrics(outputs, batch)
+            loss_sum = loss_sum + label_weight * label_sum
+            metrics.update(label_metrics)
+        return loss_sum, weight_sum, metrics
 
     return loss
 
@@ -130,12 +184,17 @@ def make_loss(config: ml_collections.ConfigDict, ids: Mapping[str, int]):
 def make_eval_metrics(config: ml_collections.ConfigDict, ids: Mapping[str, int]):
     """Teacher-forced token loss, overall and per task (no dropout, no label smoothing)."""
 
+    label_weight = token_label_weight(config)
+
     def eval_metrics(model: nnx.Module, batch: Mapping[str, Any]) -> MetricDict:
-        logits = model(batch, deterministic=True)["logits"]
+        outputs = model(batch, deterministic=True)
         loss_sum, weight_sum, weighted = losses.weighted_sums(
-            logits, batch["decoder_target"], batch["decoder_weights"]
+            outputs["logits"], batch["decoder_target"], batch["decoder_weights"]
         )
-        return _metrics(loss_sum, weight_sum, weighted, batch, ids)
+        metrics = _metrics(loss_sum, weight_sum, weighted, batch, ids)
+        if label_weight > 0:  # reported beside the decoder's loss, never added to it
+            metrics.update(_token_label_metrics(outputs, batch)[1])
+        return metrics
 
     return eval_metrics
 
@@ -160,6 +219,8 @@ def objective(config: ml_collections.ConfigDict) -> Objective:
             "decoder_input",
             "decoder_target",
             "decoder_weights",
+            # The token-label grids ride in the per-slot targets.
+            *(("targets",) if token_label_weight(config) > 0 else ()),
         ),
         model_fn=model_fn(config),
         loss=make_loss(config, ids),
