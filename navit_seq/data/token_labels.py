@@ -9,7 +9,8 @@ object a class target of its own (`loss.token_label_weight`, navit_seq.train.seq
 The labels of one packed image are a per-slot target `token_label_grid [G, G]` int32 over the
 patch grid (G = `data.max_grid_side`), not a per-token array: token dropping and packing move
 tokens, but each keeps its `patch_coords`, so the label of a packed token is
-`grid[slot, row, col]` on the device (navit_seq.losses.token_labels), and the packer needs no new field.
+`grid[slot, row, col]` on the device (navit_seq.losses.token_labels): the packer needs no new
+field.
 
 A cell holds 1 + the class of the smallest-area box containing the patch centre, 0 where no
 box does (background), IGNORE outside the image's grid and for views that are not the whole

@@ -154,3 +154,70 @@ def test_sequence_recipe_trains_and_evaluates_on_the_scene_dataset(scenes_data_d
     # Evaluation encodes every image by both tasks: both carry loss weight.
     assert evaluation["weight_share/detection"] > 0 and evaluation["weight_share/captioning"] > 0
     assert np.isfinite(evaluation["loss/detection"]) and np.isfinite(evaluation["loss/captioning"])
+
+
+def labelled_recipe(data_dir: str, weight: float = 0.5) -> ml_collections.ConfigDict:
+    config = sequence_recipe(data_dir)
+    config.data.token_labels = config.model.token_labels = True
+    config.loss.token_label_weight = weight
+    return config
+
+
+def test_token_labels_add_weight_times_their_sum_and_train_the_encoder(scenes_data_dir):
+    """loss_sum = decoder sum + weight * token-label ce sum (same weight_sum); the head's and
+    the encoder's gradients are non-zero; the model's class count is filled from the tasks."""
+    import jax
+    from flax import nnx
+
+    from navit_seq import tasks
+    from navit_seq.losses.token_labels import token_label_sums
+
+    config = labelled_recipe(scenes_data_dir, weight=0.5)
+    objective = sequence.objective(config)
+    want_classes = tasks.num_classes(tasks.task_config(config.data, "detection"))
+    assert config.model.num_classes == want_classes
+    batch = loop.model_inputs(next(objective.train_iterator()), objective.batch_keys)
+    model = objective.model_fn()
+    with_labels, weight_sum, metrics = objective.loss(model, batch, True)
+    outputs = model(batch, deterministic=True)
+    decoder_sum, decoder_weight, _ = sequence.losses.weighted_sums(
+        outputs["logits"], batch["decoder_target"], batch["decoder_weights"]
+    )
+    label_sum, count, _ = token_label_sums(outputs["token_logits"], batch)
+    assert float(count) > 0
+    np.testing.assert_allclose(float(with_labels), float(decoder_sum + 0.5 * label_sum), rtol=1e-4)
+    assert float(weight_sum) == pytest.approx(float(decoder_weight))
+    scalars = loop.compute_metrics(metrics)
+    assert scalars["loss/token_labels"] == pytest.approx(float(label_sum / count), rel=1e-4)
+    assert scalars["loss"] == pytest.approx(float(decoder_sum / decoder_weight), rel=1e-4)
+
+    def token_loss(model):
+        return token_label_sums(model(batch, deterministic=True)["token_logits"], batch)[0]
+
+    grads = nnx.grad(token_loss)(model)
+    assert float(jnp.abs(grads.token_classifier.kernel.value).sum()) > 0
+    # The head starts at zero, so one step of it is needed before the encoder feels the labels.
+    model.token_classifier.kernel.value = jax.random.normal(
+        jax.random.key(0), model.token_classifier.kernel.value.shape
+    )
+    grads = nnx.grad(token_loss)(model)
+    encoder_grads = jax.tree.leaves(nnx.state(grads.encoder, nnx.Param))
+    assert sum(float(jnp.abs(g).sum()) for g in encoder_grads) > 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"data_labels": False}, r"needs token labels, but \['data.token_labels'\] is False"),
+        ({"model_labels": False}, r"needs token labels, but \['model.token_labels'\] is False"),
+        ({"num_classes": 3}, r"model.num_classes=3 but the tasks have \d+ classes"),
+        ({"weight": -1.0}, r"loss.token_label_weight=-1.0; use 0"),
+    ],
+)
+def test_inconsistent_token_label_fields_are_refused_naming_them(scenes_data_dir, change, message):
+    config = labelled_recipe(scenes_data_dir, weight=change.get("weight", 0.5))
+    config.data.token_labels = change.get("data_labels", True)
+    config.model.token_labels = change.get("model_labels", True)
+    config.model.num_classes = change.get("num_classes", 0)
+    with pytest.raises(ValueError, match=message):
+        sequence.resolve_config(config)
