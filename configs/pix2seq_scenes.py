@@ -6,11 +6,13 @@ A tiny NaViT encoder + decoder trained on 2 CPU cores in minutes (`trainer = "se
     python -m navit_seq.main --config configs/pix2seq_scenes.py --workdir workdirs/scenes_mt
     python -m navit_seq.predict --workdir workdirs/scenes_mt --image PATH  # PNG + JSON
 Arguments (e.g. `configs/pix2seq_scenes.py:steps=300,data_dir=/tmp/data,tasks=detection,
-data=scenes_easy`): `steps` overrides num_train_steps, `data_dir` where the scenes dataset was
-built, `data` which scene variant (`scenes`, the default; `scenes_easy`, the quickstart's),
-`tasks` a `+`-joined subset of the four tasks trained with equal weights (e.g. `tasks=detection`
-for the first stage of staged training: the model is the same, so `--config.init_from` carries
-it to the next; detection alone on `scenes_easy` trains on 32-token rows, MOST_OBJECTS).
+data=scenes_easy`): `long` trains 3000 steps (evaluating every 1000: the learning curve of a
+longer CPU run, under an hour on 2 cores), `steps` overrides num_train_steps, `data_dir` where
+the scenes dataset was built, `data` which scene variant (`scenes`, the default;
+`scenes_easy`, the quickstart's), `tasks` a `+`-joined subset of the four tasks trained with
+equal weights (e.g. `tasks=detection` for the first stage of staged training: the model is the
+same, so `--config.init_from` carries it to the next; detection alone on `scenes_easy` trains
+on 32-token rows, MOST_OBJECTS).
 Per-task training losses are logged as `loss/<task>` in WORKDIR/metrics.jsonl. The
 paper-scale COCO recipe is `configs/pix2seq_v2_multitask.py`.
 """
@@ -42,17 +44,27 @@ TASKS = ("detection", "segmentation", "keypoints", "captioning")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = config_common.recipe_options(arg, known=("steps", "data_dir", "tasks", "data"))
+    options = config_common.recipe_options(
+        arg, known=("steps", "data_dir", "tasks", "data"), switches=("long",)
+    )
+    long = "long" in options
     config = config_common.header(
         "sequence",  # navit_seq.train.sequence
-        steps=int(options.get("steps", 300)),
+        steps=int(options.get("steps", 3000 if long else 300)),
         log_every_steps=10,
-        eval_every_steps=500,  # and at the last step: one evaluation in a short run
+        # And at the last step: one evaluation in a short run.
+        eval_every_steps=1000 if long else 500,
         checkpoint_every_steps=100,
         keep_checkpoints=2,
     )
     config.loss = default_loss_config()
     config.loss.label_smoothing = 0.0  # (Pix2Seq reference code) none
+    # Token labels (navit_seq.data.token_labels): each patch also learns the class of the object
+    # under it, one labelled token weighing as much as one decoder token. Not in Pix2Seq; on
+    # scenes_easy, detection alone, 1000 steps, 16k training scenes, one seed: bbox AP50 on
+    # 100 validation images 0.063 -> 0.119, AP 0.023 -> 0.043 (README).
+    config.loss.token_label_weight = 1.0
+    token_labels = ml_collections.FieldReference(True)  # data and model: one switch
     # One value each, however many fields hold it (an override of one moves them all).
     patch_size = ml_collections.FieldReference(PATCH_SIZE)
     max_grid_side = ml_collections.FieldReference(MAX_GRID_SIDE)
@@ -79,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 48-640; a larger dataset fills the budget and decodes the rest each time.
     config.data.source_cache_mb = 2048
     config.data.token_drop.kind = "none"
+    config.data.token_labels = token_labels
     names = options.get("tasks", "+".join(TASKS)).split("+")
     unknown = sorted(set(names) - set(TASKS))
     if unknown:
@@ -113,6 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.patch_size = patch_size
     # A conv stem inside each patch (Xiao et al. 2021): the tiny ViT reads objects sooner.
     config.model.patch_embedding = "conv"
+    config.model.token_labels = token_labels
     config.model.posemb.max_len = max_grid_side
     # "error" checks positions with a host callback, which can deadlock a loaded CPU client;
     # data.max_grid_side = posemb.max_len keeps every position in the table, so "clamp"

@@ -77,12 +77,21 @@ def test_recipe_arguments_parse_and_a_malformed_one_is_an_error_naming_it():
     ("recipe", "takes"),
     [("quickstart", "steps"), ("navit_shapes", "steps"), ("navit_textures", "steps"),
      ("contrastive", "steps, loss, data"),
-     ("pix2seq_scenes", "steps, data_dir, tasks, data"), ("navit_b16_pretrain", "runlocal"),
+     ("pix2seq_scenes", "steps, data_dir, tasks, data, long"), ("navit_b16_pretrain", "runlocal"),
      ("pix2seq_v2_multitask", "runlocal")],
 )  # fmt: skip
 def test_misspelt_recipe_argument_is_an_error_listing_the_recipes_arguments(recipe, takes):
     with pytest.raises(ValueError, match=f"recipe argument 'stpes' .* it takes {takes}\\."):
         config_utils.load_config_file(f"configs/{recipe}.py:stpes=5")
+
+
+def test_scenes_recipe_long_trains_3000_steps_evaluating_every_1000_and_ties_token_labels():
+    long = config_utils.load_config_file(f"{SCENES}:long,tasks=detection")
+    assert (long.num_train_steps, long.eval_every_steps) == (3000, 1000)
+    assert config_utils.load_config_file(f"{SCENES}:long,steps=10").num_train_steps == 10
+    off = config_utils.load_config_file(f"{SCENES}:tasks=detection")
+    off.data.token_labels = False  # one switch: the model's head goes with the data's grids
+    assert off.model.token_labels is False
 
 
 def test_scenes_recipe_trains_the_named_subset_of_tasks_with_equal_weights():
