@@ -54,6 +54,9 @@ def default_evaluation_config() -> ml_collections.ConfigDict:
             "keypoints_top_p": 0.0,  # 0 = greedy (the paper: 0.1, nearly greedy)
             "keypoint_classes": ("person",),  # class names whose boxes get keypoint rows
             "seed": 0,
+            # eval_predictions.png draws the objects scoring at least this (the metrics score
+            # every prediction); an image's 12 decoded groups at once hide what it found.
+            "picture_min_score": 0.3,
         }
     )
 

@@ -189,7 +189,7 @@ def save_split_grid(
     from navit_seq.data import sources
     from navit_seq.evaluation import draw
 
-    options = config.get("evaluation", inference.default_evaluation_config())
+    options = inference.evaluation_options(config)
     split = options.get("split") or config.data.eval_split
     source = sources.data_source(config.data.name, split, data_dir=config.data.data_dir)
     examples = [source[i] for i in range(min(num_images, len(source)))]
@@ -197,7 +197,9 @@ def save_split_grid(
     if jax.process_index() != 0:
         return os.fspath(path)
     names = sources.class_names(config.data.name, data_dir=config.data.data_dir)
-    return draw.save_prediction_grid(examples, predictions, names, path)
+    return draw.save_prediction_grid(
+        examples, predictions, names, path, min_score=options.picture_min_score
+    )
 
 
 def to_json(prediction: Mapping[str, Any]) -> dict[str, Any]:
