@@ -28,6 +28,7 @@ from clu import metrics as clu_metrics
 from flax import nnx
 
 from navit_seq import inference, pipeline
+from navit_seq.data.token_labels import TARGET_KEY as TOKEN_LABELS
 from navit_seq.losses import sequence as losses
 from navit_seq.losses import token_labels as token_label_losses
 from navit_seq.tasks.sequence import SequenceTask, sequence_tasks
@@ -182,9 +183,9 @@ def make_loss(config: ml_collections.ConfigDict, ids: Mapping[str, int]):
 
 
 def make_eval_metrics(config: ml_collections.ConfigDict, ids: Mapping[str, int]):
-    """Teacher-forced token loss, overall and per task (no dropout, no label smoothing)."""
-
-    label_weight = token_label_weight(config)
+    """Teacher-forced token loss, overall and per task (no dropout, no label smoothing), and
+    the token-label loss when the model has the head and the batch the labels."""
+    del config  # what the model and the batch hold decides what is reported
 
     def eval_metrics(model: nnx.Module, batch: Mapping[str, Any]) -> MetricDict:
         outputs = model(batch, deterministic=True)
@@ -192,7 +193,8 @@ def make_eval_metrics(config: ml_collections.ConfigDict, ids: Mapping[str, int])
             outputs["logits"], batch["decoder_target"], batch["decoder_weights"]
         )
         metrics = _metrics(loss_sum, weight_sum, weighted, batch, ids)
-        if label_weight > 0:  # reported beside the decoder's loss, never added to it
+        # Token labels are reported beside the decoder's loss, never added to it.
+        if "token_logits" in outputs and TOKEN_LABELS in batch.get("targets", {}):
             metrics.update(_token_label_metrics(outputs, batch)[1])
         return metrics
 

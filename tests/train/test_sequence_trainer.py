@@ -190,6 +190,9 @@ def test_token_labels_add_weight_times_their_sum_and_train_the_encoder(scenes_da
     scalars = loop.compute_metrics(metrics)
     assert scalars["loss/token_labels"] == pytest.approx(float(label_sum / count), rel=1e-4)
     assert scalars["loss"] == pytest.approx(float(decoder_sum / decoder_weight), rel=1e-4)
+    evaluated = loop.compute_metrics(objective.eval_metrics(model, batch))
+    assert evaluated["loss/token_labels"] == pytest.approx(scalars["loss/token_labels"], rel=1e-4)
+    assert evaluated["loss"] == pytest.approx(scalars["loss"], rel=1e-4)  # labels not added
 
     def token_loss(model):
         return token_label_sums(model(batch, deterministic=True)["token_logits"], batch)[0]
