@@ -22,7 +22,7 @@ from navit_seq import cli
 # the same options, so a second quickstart reuses the build.
 QUICKSTART_SCENES = ["--train-size", "16000", "--validation-size", "500", "--heldout-size", "500"]
 QUICKSTART_DATA = "scenes_easy"  # the scene variant (data.build --variant, the recipe's `data`)
-# Steps of the two training stages: detection alone, then all four tasks (about 9 and 4
+# Steps of the two training stages: detection alone, then all four tasks (about 10 and 5
 # minutes on 2 cores; README).
 DETECTION_STEPS, ALL_TASKS_STEPS = 1000, 300
 

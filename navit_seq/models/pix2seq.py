@@ -165,6 +165,9 @@ class Pix2Seq(nnx.Module):
                     "use a sequence task in data.task."
                 )
         outputs = self.encode(batch, deterministic=deterministic)
+        if self.token_classifier is not None:  # training's target only: not in `encode`
+            token_logits = self.token_classifier(outputs["tokens"]).astype(jnp.float32)
+            outputs = {**outputs, "token_logits": token_logits}  # [B, L, 1 + C]
         logits = self.decoder(
             batch["decoder_input"], outputs["memory"], batch["segment_ids"], batch["row_slot"],
             deterministic=deterministic, row_task=self.row_tasks(batch),
@@ -175,9 +178,6 @@ class Pix2Seq(nnx.Module):
         """The encoder's outputs (§4) plus "memory" [B, L, D]: what the decoder reads."""
         outputs = self.encoder(batch, deterministic=deterministic)
         tokens = outputs["tokens"]
-        if self.token_classifier is not None:
-            token_logits = self.token_classifier(tokens).astype(jnp.float32)  # [B, L, 1 + C]
-            outputs = {**outputs, "token_logits": token_logits}
         memory = tokens if self.memory is None else self.memory(tokens, batch)
         if self.implicit_alignment is not None:  # YOLOR feature alignment
             memory = implicit_lib.align(self.implicit_alignment, memory, batch["segment_ids"] > 0)
