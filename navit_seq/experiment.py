@@ -11,6 +11,9 @@ optional:
 - `COMMON`: overrides for every arm (e.g. the step budget);
 - `EVALUATIONS`: {name: overrides}: each final checkpoint is evaluated once per entry
   (e.g. per test resolution; default one plain evaluation named "eval");
+- `CURVE`: a metric of the in-training evaluations (`eval_every_steps`) tabulated and
+  plotted against the training compute spent when it was measured (tokens, padding
+  included), for claims of the kind "reaches the baseline's accuracy with less compute";
 - `verdict(table) -> str`: the reading of the aggregated table (see `aggregate`).
 
 Each (arm, seed) is the ordinary training command into its own workdir
@@ -58,6 +61,7 @@ class Ablation:
     evaluations: Mapping[str, Mapping[str, Any]] = field(
         default_factory=lambda: DEFAULT_EVALUATIONS
     )
+    curve: str | None = None
     verdict: Callable[[dict], str] | None = None
 
 
@@ -84,6 +88,7 @@ def load_ablation(path: str | Path) -> Ablation:
         paper=module.PAPER,
         common=getattr(module, "COMMON", {}),
         evaluations=getattr(module, "EVALUATIONS", DEFAULT_EVALUATIONS),
+        curve=getattr(module, "CURVE", None),
         verdict=getattr(module, "verdict", None),
     )
     if not ablation.arms or not ablation.seeds or not ablation.metrics:
@@ -160,22 +165,48 @@ def run_stages(
     return ran
 
 
-def training_compute(workdir: Path) -> dict[str, float]:
-    """Images and tokens (padding included) trained on, from the run's metrics.jsonl: each
-    logged window's per-step mean times the steps it covers."""
+def _metrics_rows(workdir: Path) -> list[dict[str, Any]]:
     path = workdir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("split") == "train"]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _compute_until(train_rows: Sequence[Mapping[str, Any]], step: int) -> tuple[float, float]:
+    """(images, tokens) trained on in the first `step` steps: each logged window's per-step
+    mean times the steps of the window up to `step`."""
     images = tokens = 0.0
     previous = 0
-    for row in train:
-        steps = row["step"] - previous
-        previous = row["step"]
+    for row in train_rows:
+        steps = min(row["step"], step) - previous
+        if steps <= 0:
+            break
         images += steps * row.get("images_per_step", 0.0)
         tokens += steps * row.get("tokens_per_step", 0.0)
+        previous = row["step"]
+    return images, tokens
+
+
+def training_compute(workdir: Path) -> dict[str, float]:
+    """Images and tokens (padding included) trained on, from the run's metrics.jsonl."""
+    train = [r for r in _metrics_rows(workdir) if r.get("split") == "train"]
+    last = train[-1]["step"] if train else 0
+    images, tokens = _compute_until(train, last)
     done = (workdir / TRAIN_DONE).read_text().strip()  # empty when a scheduler touched it
     seconds = json.loads(done)["seconds"] if done else float("nan")
-    return {"steps": previous, "images_seen": images, "tokens_seen": tokens, "train_s": seconds}
+    return {"steps": last, "images_seen": images, "tokens_seen": tokens, "train_s": seconds}
+
+
+def training_curve(workdir: Path, metric: str) -> dict[int, dict[str, float]]:
+    """{step: {"value", "images_seen", "tokens_seen"}} for each in-training evaluation of
+    `metric` (the rows with split "eval"), with the compute spent up to that step."""
+    rows = _metrics_rows(workdir)
+    train = [r for r in rows if r.get("split") == "train"]
+    curve = {}
+    for row in rows:
+        if row.get("split") == "eval" and metric in row:
+            images, tokens = _compute_until(train, row["step"])
+            curve[row["step"]] = {"value": float(row[metric]), "images_seen": images,
+                                  "tokens_seen": tokens}  # fmt: skip
+    return curve
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -205,12 +236,33 @@ def aggregate(ablation: Ablation, root: Path) -> dict[str, Any]:
                 for metric in ablation.metrics:
                     if metric in metrics:
                         per_key.setdefault(f"{name}/{metric}", {})[seed] = float(metrics[metric])
-        table[arm] = {
-            key: dict(zip(("mean", "std"), _mean_std(list(seeds.values())), strict=True))
-            | {"seeds": seeds}
-            for key, seeds in per_key.items()
-        }
-    return {"ablation": ablation.name, "recipe": ablation.recipe, "arms": table}
+        table[arm] = {key: _summary(seeds) for key, seeds in per_key.items()}
+    out = {"ablation": ablation.name, "recipe": ablation.recipe, "arms": table}
+    if ablation.curve:
+        out["curves"] = {arm: _curve_summary(ablation, root, arm) for arm in ablation.arms}
+    return out
+
+
+def _summary(seeds: Mapping[int, float]) -> dict[str, Any]:
+    mean, std = _mean_std(list(seeds.values()))
+    return {"mean": mean, "std": std, "seeds": dict(seeds)}
+
+
+def _curve_summary(ablation: Ablation, root: Path, arm: str) -> dict[int, dict[str, Any]]:
+    """{step: mean ± std of CURVE over the finished seeds, with the mean compute spent}."""
+    per_step: dict[int, dict[int, dict[str, float]]] = {}
+    for seed in ablation.seeds:
+        workdir = workdir_of(root, ablation, arm, seed)
+        if (workdir / TRAIN_DONE).exists():
+            for step, point in training_curve(workdir, ablation.curve).items():
+                per_step.setdefault(step, {})[seed] = point
+    curve = {}
+    for step, points in sorted(per_step.items()):
+        summary = _summary({seed: p["value"] for seed, p in points.items()})
+        for key in ("images_seen", "tokens_seen"):
+            summary[key] = sum(p[key] for p in points.values()) / len(points)
+        curve[step] = summary
+    return curve
 
 
 def markdown(ablation: Ablation, table: Mapping[str, Any]) -> str:
@@ -247,11 +299,36 @@ def markdown(ablation: Ablation, table: Mapping[str, Any]) -> str:
             if key in row:
                 seeds = ", ".join(f"{s}: {v:.3f}" for s, v in row[key]["seeds"].items())
                 lines.append(f"- {arm} {key}: {seeds}")
+    if ablation.curve:
+        lines += _curve_markdown(ablation, table["curves"])
     if "" in ablation.paper:
         lines += ["", f"**Paper:** {ablation.paper['']}"]
     if ablation.verdict is not None:
         lines += ["", f"**Verdict:** {ablation.verdict(table)}"]
     return "\n".join(lines) + "\n"
+
+
+def _curve_markdown(ablation: Ablation, curves: Mapping[str, Mapping[int, Any]]) -> list[str]:
+    """The in-training evaluations: one row per step, per arm mean ± std and tokens spent."""
+    arms = list(curves)
+    lines = [
+        "",
+        f"{ablation.curve} during training (mean ± std over seeds @ tokens trained on):",
+        "",
+        "| step | " + " | ".join(arms) + " |",
+        "|" + "---|" * (len(arms) + 1),
+    ]
+    for step in sorted({step for curve in curves.values() for step in curve}):
+        cells = []
+        for arm in arms:
+            point = curves[arm].get(step)
+            if point is None:
+                cells.append("–")
+                continue
+            std = "" if math.isnan(point["std"]) else f" ± {point['std']:.3f}"
+            cells.append(f"{point['mean']:.3f}{std} @ {point['tokens_seen']:.3g} tok")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(ablation: Ablation, table: Mapping[str, Any], output: Path) -> Path:
@@ -262,9 +339,11 @@ def plot(ablation: Ablation, table: Mapping[str, Any], output: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(ablation.evaluations)
-    figure, axes = plt.subplots(1, len(ablation.metrics), figsize=(5.5 * len(ablation.metrics), 4),
-                                squeeze=False)  # fmt: skip
-    for ax, metric in zip(axes[0], ablation.metrics, strict=True):
+    panels = len(ablation.metrics) + bool(ablation.curve)
+    figure, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    if ablation.curve:
+        _plot_curves(axes[0][-1], ablation.curve, table["curves"])
+    for ax, metric in zip(axes[0], ablation.metrics, strict=False):
         for arm, row in table["arms"].items():
             keys = [(i, f"{n}/{metric}") for i, n in enumerate(names)]
             points = [(i, row[key]) for i, key in keys if key in row]
@@ -283,6 +362,24 @@ def plot(ablation: Ablation, table: Mapping[str, Any], output: Path) -> Path:
     figure.savefig(output, dpi=90)
     plt.close(figure)
     return output
+
+
+def _plot_curves(ax, metric: str, curves: Mapping[str, Mapping[int, Any]]) -> None:
+    """CURVE against the tokens trained on, one line per arm, a band of one std over seeds."""
+    for arm, curve in curves.items():
+        if not curve:
+            continue
+        points = [curve[step] for step in sorted(curve)]
+        tokens = [p["tokens_seen"] for p in points]
+        means = [p["mean"] for p in points]
+        stds = [0.0 if math.isnan(p["std"]) else p["std"] for p in points]
+        ax.plot(tokens, means, marker="o", label=arm)
+        ax.fill_between(tokens, [m - s for m, s in zip(means, stds, strict=True)],
+                        [m + s for m, s in zip(means, stds, strict=True)], alpha=0.2)  # fmt: skip
+    ax.set(title=f"{metric} during training", xlabel="tokens trained on (padding included)",
+           ylabel=metric)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def write_results(ablation: Ablation, root: Path) -> dict[str, Path]:

@@ -17,6 +17,7 @@ COMPUTE = "the same 7 steps of 16 x 256 tokens."
 PAPER = {"packed": "4x less compute", "": "NaViT Fig. 1"}
 COMMON = {"num_train_steps": 7, "data.resolution.kind": "uniform_side"}
 EVALUATIONS = {"side32": {"data.eval_side": 32}, "side128": {"data.eval_side": 128}}
+CURVE = "precision_at_1"
 
 
 def verdict(table):
@@ -64,9 +65,12 @@ def _fake_execute(accuracy):
         workdir = experiment.Path(argv[argv.index("--workdir") + 1])
         workdir.mkdir(parents=True, exist_ok=True)
         if argv[2] == "navit_seq.main":
+            arm, seed = workdir.parent.name, int(workdir.name[4:])
             rows = [
                 {"step": 5, "split": "train", "images_per_step": 10.0, "tokens_per_step": 100.0},
+                {"step": 6, "split": "eval", "precision_at_1": curve_value(arm, seed, 6)},
                 {"step": 7, "split": "train", "images_per_step": 12.0, "tokens_per_step": 100.0},
+                {"step": 7, "split": "eval", "precision_at_1": curve_value(arm, seed, 7)},
             ]
             (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         else:
@@ -77,6 +81,10 @@ def _fake_execute(accuracy):
         return 0
 
     return execute
+
+
+def curve_value(arm, seed, step):
+    return (0.4 if arm == "packed" else 0.2) + 0.05 * seed + 0.01 * step
 
 
 def accuracy(arm, seed, name):
@@ -111,6 +119,25 @@ def test_table_is_mean_and_sample_std_over_seeds_with_compute(ablation, tmp_path
     assert "4x less compute" in text and "NaViT Fig. 1" in text
     assert "**Verdict:** packed: 0.8" in text
     assert "the same 7 steps" in text
+
+
+def test_curve_is_each_in_training_evaluation_against_the_compute_spent_by_then(
+    ablation, tmp_path
+):
+    experiment.run_stages(experiment.stages(ablation, tmp_path), _fake_execute(accuracy))
+    curves = experiment.aggregate(ablation, tmp_path)["curves"]
+    for arm in ("packed", "padded"):
+        assert sorted(curves[arm]) == [6, 7]
+        for step in (6, 7):
+            values = [curve_value(arm, seed, step) for seed in range(3)]
+            assert curves[arm][step]["mean"] == pytest.approx(np.mean(values))
+            assert curves[arm][step]["std"] == pytest.approx(np.std(values, ddof=1))
+        # Step 6 lies inside the window (5, 7]: 5 steps at 10 images, then 1 at 12.
+        assert curves[arm][6]["images_seen"] == 5 * 10 + 1 * 12
+        assert curves[arm][6]["tokens_seen"] == 600
+        assert curves[arm][7]["tokens_seen"] == 700
+    text = experiment.markdown(ablation, experiment.aggregate(ablation, tmp_path))
+    assert "| 6 | 0.510 ± 0.050 @ 600 tok | 0.310 ± 0.050 @ 600 tok |" in text
 
 
 def test_results_are_written_next_to_the_ablation(ablation, tmp_path):
