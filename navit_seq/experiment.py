@@ -12,8 +12,8 @@ optional:
 - `EVALUATIONS`: {name: overrides}: each final checkpoint is evaluated once per entry
   (e.g. per test resolution; default one plain evaluation named "eval");
 - `CURVE`: a metric of the in-training evaluations (`eval_every_steps`) tabulated and
-  plotted against the training compute spent when it was measured (tokens, padding
-  included), for claims of the kind "reaches the baseline's accuracy with less compute";
+  plotted against the training compute spent when it was measured (tokens processed,
+  padding included), for claims of the kind "reaches the baseline's accuracy with less compute";
 - `verdict(table) -> str`: the reading of the aggregated table (see `aggregate`).
 
 Each (arm, seed) is the ordinary training command into its own workdir
@@ -22,7 +22,7 @@ Each (arm, seed) is the ordinary training command into its own workdir
 killed sweep resumes (an unfinished training run resumes from its checkpoint). Runs are
 sequential here; `--print-commands` prints them instead, for a cluster scheduler (no job
 scheduler of our own). `--aggregate` only reads what finished. The table (mean ± std over
-seeds and every seed's value, with images and tokens trained on) goes to
+seeds and every seed's value, with the images, real tokens and processed tokens trained on) goes to
 `<ablation dir>/results/<ablation>.md` and `.json`, a plot to `.png`.
 """
 
@@ -170,43 +170,44 @@ def _metrics_rows(workdir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _compute_until(train_rows: Sequence[Mapping[str, Any]], step: int) -> tuple[float, float]:
-    """(images, tokens) trained on in the first `step` steps: each logged window's per-step
-    mean times the steps of the window up to `step`."""
-    images = tokens = 0.0
+def _compute_until(train_rows: Sequence[Mapping[str, Any]], step: int) -> dict[str, float]:
+    """Images, real tokens and processed tokens (padding included: the compute) trained on in
+    the first `step` steps: each logged window's per-step means times the window's steps up
+    to `step`. The loop logs real tokens (`tokens_per_step`) and `padding_fraction`."""
+    seen = {"images_seen": 0.0, "tokens_seen": 0.0, "tokens_processed": 0.0}
     previous = 0
     for row in train_rows:
         steps = min(row["step"], step) - previous
         if steps <= 0:
             break
-        images += steps * row.get("images_per_step", 0.0)
-        tokens += steps * row.get("tokens_per_step", 0.0)
+        real = row.get("tokens_per_step", 0.0)
+        seen["images_seen"] += steps * row.get("images_per_step", 0.0)
+        seen["tokens_seen"] += steps * real
+        seen["tokens_processed"] += steps * real / (1.0 - row.get("padding_fraction", 0.0))
         previous = row["step"]
-    return images, tokens
+    return seen
 
 
 def training_compute(workdir: Path) -> dict[str, float]:
-    """Images and tokens (padding included) trained on, from the run's metrics.jsonl."""
+    """Steps, images, real and processed tokens trained on, from the run's metrics.jsonl."""
     train = [r for r in _metrics_rows(workdir) if r.get("split") == "train"]
     last = train[-1]["step"] if train else 0
-    images, tokens = _compute_until(train, last)
     done = (workdir / TRAIN_DONE).read_text().strip()  # empty when a scheduler touched it
     seconds = json.loads(done)["seconds"] if done else float("nan")
-    return {"steps": last, "images_seen": images, "tokens_seen": tokens, "train_s": seconds}
+    return {"steps": last, **_compute_until(train, last), "train_s": seconds}
 
 
 def training_curve(workdir: Path, metric: str) -> dict[int, dict[str, float]]:
-    """{step: {"value", "images_seen", "tokens_seen"}} for each in-training evaluation of
-    `metric` (the rows with split "eval"), with the compute spent up to that step."""
+    """{step: {"value", "images_seen", "tokens_seen", "tokens_processed"}} for each
+    in-training evaluation of `metric` (the rows with split "eval"), with the compute spent up
+    to that step."""
     rows = _metrics_rows(workdir)
     train = [r for r in rows if r.get("split") == "train"]
-    curve = {}
-    for row in rows:
-        if row.get("split") == "eval" and metric in row:
-            images, tokens = _compute_until(train, row["step"])
-            curve[row["step"]] = {"value": float(row[metric]), "images_seen": images,
-                                  "tokens_seen": tokens}  # fmt: skip
-    return curve
+    return {
+        row["step"]: {"value": float(row[metric]), **_compute_until(train, row["step"])}
+        for row in rows
+        if row.get("split") == "eval" and metric in row
+    }
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -259,7 +260,7 @@ def _curve_summary(ablation: Ablation, root: Path, arm: str) -> dict[int, dict[s
     curve = {}
     for step, points in sorted(per_step.items()):
         summary = _summary({seed: p["value"] for seed, p in points.items()})
-        for key in ("images_seen", "tokens_seen"):
+        for key in ("images_seen", "tokens_seen", "tokens_processed"):
             summary[key] = sum(p[key] for p in points.values()) / len(points)
         curve[step] = summary
     return curve
@@ -269,7 +270,7 @@ def markdown(ablation: Ablation, table: Mapping[str, Any]) -> str:
     """The aggregated table as Markdown: one row per arm, mean ± std (n seeds) per column,
     then every seed's value, the compute statement, the paper's figures and the verdict."""
     keys = [f"{e}/{m}" for e in ablation.evaluations for m in ablation.metrics]
-    compute_keys = ("steps", "images_seen", "tokens_seen", "train_s")
+    compute_keys = ("steps", "images_seen", "tokens_seen", "tokens_processed", "train_s")
     lines = [
         f"# {ablation.name}",
         "",
@@ -313,7 +314,8 @@ def _curve_markdown(ablation: Ablation, curves: Mapping[str, Mapping[int, Any]])
     arms = list(curves)
     lines = [
         "",
-        f"{ablation.curve} during training (mean ± std over seeds @ tokens trained on):",
+        f"{ablation.curve} during training (mean ± std over seeds @ tokens processed, "
+        "padding included):",
         "",
         "| step | " + " | ".join(arms) + " |",
         "|" + "---|" * (len(arms) + 1),
@@ -326,7 +328,7 @@ def _curve_markdown(ablation: Ablation, curves: Mapping[str, Mapping[int, Any]])
                 cells.append("–")
                 continue
             std = "" if math.isnan(point["std"]) else f" ± {point['std']:.3f}"
-            cells.append(f"{point['mean']:.3f}{std} @ {point['tokens_seen']:.3g} tok")
+            cells.append(f"{point['mean']:.3f}{std} @ {point['tokens_processed']:.3g} tok")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return lines
 
@@ -365,18 +367,18 @@ def plot(ablation: Ablation, table: Mapping[str, Any], output: Path) -> Path:
 
 
 def _plot_curves(ax, metric: str, curves: Mapping[str, Mapping[int, Any]]) -> None:
-    """CURVE against the tokens trained on, one line per arm, a band of one std over seeds."""
+    """CURVE against the tokens processed, one line per arm, a band of one std over seeds."""
     for arm, curve in curves.items():
         if not curve:
             continue
         points = [curve[step] for step in sorted(curve)]
-        tokens = [p["tokens_seen"] for p in points]
+        tokens = [p["tokens_processed"] for p in points]
         means = [p["mean"] for p in points]
         stds = [0.0 if math.isnan(p["std"]) else p["std"] for p in points]
         ax.plot(tokens, means, marker="o", label=arm)
         ax.fill_between(tokens, [m - s for m, s in zip(means, stds, strict=True)],
                         [m + s for m, s in zip(means, stds, strict=True)], alpha=0.2)  # fmt: skip
-    ax.set(title=f"{metric} during training", xlabel="tokens trained on (padding included)",
+    ax.set(title=f"{metric} during training", xlabel="tokens processed (padding included)",
            ylabel=metric)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

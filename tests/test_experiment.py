@@ -69,7 +69,13 @@ def _fake_execute(accuracy):
             rows = [
                 {"step": 5, "split": "train", "images_per_step": 10.0, "tokens_per_step": 100.0},
                 {"step": 6, "split": "eval", "precision_at_1": curve_value(arm, seed, 6)},
-                {"step": 7, "split": "train", "images_per_step": 12.0, "tokens_per_step": 100.0},
+                {
+                    "step": 7,
+                    "split": "train",
+                    "images_per_step": 12.0,
+                    "tokens_per_step": 100.0,
+                    "padding_fraction": 0.75,
+                },  # fmt: skip
                 {"step": 7, "split": "eval", "precision_at_1": curve_value(arm, seed, 7)},
             ]
             (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -114,6 +120,8 @@ def test_table_is_mean_and_sample_std_over_seeds_with_compute(ablation, tmp_path
             assert cell["seeds"] == {s: pytest.approx(v) for s, v in enumerate(values)}
         assert table["arms"][arm]["images_seen"]["mean"] == 5 * 10 + 2 * 12
         assert table["arms"][arm]["tokens_seen"]["mean"] == 700
+        # 100 real tokens are a quarter of the 400 processed in the padded window.
+        assert table["arms"][arm]["tokens_processed"]["mean"] == 5 * 100 + 2 * 400
     text = experiment.markdown(ablation, table)
     assert "| packed | 0.600 ± 0.100 (n=3) | 0.800 ± 0.100 (n=3) |" in text
     assert "4x less compute" in text and "NaViT Fig. 1" in text
@@ -121,9 +129,7 @@ def test_table_is_mean_and_sample_std_over_seeds_with_compute(ablation, tmp_path
     assert "the same 7 steps" in text
 
 
-def test_curve_is_each_in_training_evaluation_against_the_compute_spent_by_then(
-    ablation, tmp_path
-):
+def test_curve_is_each_in_training_evaluation_against_the_compute_spent_by_then(ablation, tmp_path):
     experiment.run_stages(experiment.stages(ablation, tmp_path), _fake_execute(accuracy))
     curves = experiment.aggregate(ablation, tmp_path)["curves"]
     for arm in ("packed", "padded"):
@@ -135,9 +141,10 @@ def test_curve_is_each_in_training_evaluation_against_the_compute_spent_by_then(
         # Step 6 lies inside the window (5, 7]: 5 steps at 10 images, then 1 at 12.
         assert curves[arm][6]["images_seen"] == 5 * 10 + 1 * 12
         assert curves[arm][6]["tokens_seen"] == 600
-        assert curves[arm][7]["tokens_seen"] == 700
+        assert curves[arm][6]["tokens_processed"] == 5 * 100 + 1 * 400
+        assert curves[arm][7]["tokens_processed"] == 5 * 100 + 2 * 400
     text = experiment.markdown(ablation, experiment.aggregate(ablation, tmp_path))
-    assert "| 6 | 0.510 ± 0.050 @ 600 tok | 0.310 ± 0.050 @ 600 tok |" in text
+    assert "| 6 | 0.510 ± 0.050 @ 900 tok | 0.310 ± 0.050 @ 900 tok |" in text
 
 
 def test_results_are_written_next_to_the_ablation(ablation, tmp_path):
