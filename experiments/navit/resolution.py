@@ -19,8 +19,8 @@ EVALUATIONS = {f"side{side}": {"data.eval_side": side} for side in (32, 128, 256
 METRICS = ("precision_at_1",)
 COMPUTE = (
     "equal training FLOPs: both arms run 400 steps of the same 16 x 256-token batches "
-    "(padding included; tokens_seen below), the same model and optimizer; the variable arm "
-    "sees more, smaller images per step (images_seen)."
+    "(padding included: tokens_processed below; tokens_seen counts real tokens), the same "
+    "model and optimizer; the variable arm sees more, smaller images per step (images_seen)."
 )
 PAPER = {
     "": "NaViT Fig. 6 (ImageNet, B/16): a model trained at variable resolution "
