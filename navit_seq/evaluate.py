@@ -4,9 +4,10 @@ Restores the latest (or `--step`) checkpoint onto this machine's mesh, runs the 
 split and writes DIR/eval_results.json (`--results_file`): `{"step": N, "split": ...,
 "metrics": {...}}`, and the
 same metrics to the metric writers (TensorBoard and metrics.jsonl, split `eval_<split>`).
-Objectives with a whole-split evaluation (the sequence objective with `config.evaluation`)
-add its metrics: bbox_AP, bbox_AP50, segm_AP, keypoints_AP, caption_BLEU4, caption_CIDEr, ...
-and DIR/eval_predictions.png, the first images' predictions next to their ground truth.
+Objectives with a whole-split evaluation add its metrics: the sequence objective with
+`config.evaluation` bbox_AP, bbox_AP50, segm_AP, keypoints_AP, caption_BLEU4, caption_CIDEr, ...
+and DIR/eval_predictions.png, the first images' predictions next to their ground truth; the
+contrastive one zero_shot/top1_accuracy, top5 and their chance levels (datasets with classes).
 """
 
 import json

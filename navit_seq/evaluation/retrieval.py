@@ -13,6 +13,7 @@ as the best correct one is ranked above it, so a collapsed model (all embeddings
   multi-label data); top-k accuracy is recall@k of image -> class-prompt retrieval.
 """
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -130,8 +131,21 @@ def zero_shot_accuracy(
     labels = labels[labelled]
     ranks = best_positive_ranks(images[labelled], classes, lambda a, b: labels[a:b])
     results = {f"zero_shot/top{k}_accuracy": _fraction(ranks <= k) for k in ks}
+    positives = labels.sum(axis=1)  # [n] classes each labelled image has
+    for k in ks:
+        results[f"zero_shot/chance_top{k}"] = chance_top_k(positives, len(classes), k)
     results.update(num_images=len(images), images_without_label=int((~labelled).sum()))
     return results
+
+
+def chance_top_k(positives: np.ndarray, num_classes: int, k: int) -> float:
+    """Top-k accuracy of a uniformly random ranking of `num_classes` classes, averaged over
+    images with `positives[n]` correct classes each: 1 - C(C - p, k) / C(C, k)."""
+    positives = np.asarray(positives)
+    if positives.size == 0:
+        return 0.0
+    misses = np.array([math.comb(num_classes - p, k) for p in positives], dtype=np.float64)
+    return float(np.mean(1.0 - misses / math.comb(num_classes, k)))
 
 
 def _fraction(hits: np.ndarray) -> float:

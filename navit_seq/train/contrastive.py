@@ -12,7 +12,9 @@ grain iterators over the `image_text` task (each image's caption packed into `te
   (which would shrink the negatives to one micro-batch) is refused; `chunked` saves memory.
 - Eval: the loss per batch, and image<->text retrieval recall@1/5/10 over the whole eval split
   (embeddings collected on the host; one caption per image, ties against the model).
-  `zero_shot_classification` scores class-name prompts against the eval images.
+  `zero_shot_classification` scores class-name prompts against the eval images: the
+  objective's whole-split evaluation (at every eval, `config.evaluation.every_steps` to thin
+  it out, and in `navit_seq.evaluate`) when the dataset has class names.
 """
 
 from collections.abc import Mapping, Sequence
@@ -233,4 +235,16 @@ def objective(config: ml_collections.ConfigDict) -> Objective:
         eval_metrics=make_eval_metrics(config),
         train_iterator=lambda: pipeline.train_batches(config.data),
         eval_iterator=lambda: pipeline.eval_batches(config.data),
+        evaluate_split=zero_shot_evaluation(config),
     )
+
+
+def zero_shot_evaluation(config: ml_collections.ConfigDict):
+    """The whole-split metrics of the loop and `navit_seq.evaluate`: zero-shot accuracy with
+    its chance level, for datasets with class names; None (retrieval only) for caption-only
+    ones (e.g. an image-text dataset without labels)."""
+    from navit_seq.data import sources
+
+    if not sources.class_names(config.data.name, config.data.data_dir):
+        return None
+    return lambda model, step: zero_shot_classification(model, config)

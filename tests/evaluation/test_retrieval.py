@@ -1,6 +1,8 @@
 """Retrieval recall@k and zero-shot accuracy against a brute-force sort in Python, ties broken
 against the model, prompts and prompt ensembling, clear errors."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -111,6 +113,21 @@ def test_zero_shot_accuracy_matches_brute_force_for_single_and_multi_label():
         assert got["zero_shot/top3_accuracy"] == pytest.approx(np.mean([r <= 3 for r in ranks]))
         assert 0 < got["zero_shot/top1_accuracy"] < 1
     assert retrieval.zero_shot_accuracy(images, classes, multi)["images_without_label"] == 1
+
+
+def test_zero_shot_chance_is_the_top_k_rate_over_every_ranking():
+    """Chance top-k against all 5! orders of 5 classes, for images with 1, 2 and 3 labels."""
+    orders = list(itertools.permutations(range(5)))
+    labels = np.zeros((3, 5), bool)
+    labels[0, 2] = labels[1, [0, 4]] = labels[2, [1, 2, 3]] = True
+    for k in (1, 2, 3):
+        hits = [np.mean([labels[n, list(order[:k])].any() for order in orders]) for n in range(3)]
+        positives = labels.sum(axis=1)
+        assert retrieval.chance_top_k(positives, 5, k) == pytest.approx(np.mean(hits))
+    images = unit(np.random.default_rng(0).normal(size=(3, 4)))
+    classes = unit(np.random.default_rng(1).normal(size=(5, 4)))
+    got = retrieval.zero_shot_accuracy(images, classes, labels, ks=(1,))
+    assert got["zero_shot/chance_top1"] == pytest.approx((1 + 2 + 3) / 15)
 
 
 def test_class_prompts_fill_every_template():

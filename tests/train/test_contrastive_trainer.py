@@ -134,6 +134,9 @@ def test_recipe_trains_and_reports_retrieval_recalls_on_scenes(scenes_recipe, tm
         assert 0 <= evaluation[name] <= 1, name
     # 8 validation images: every caption is within the first 10 images.
     assert evaluation["image_to_text/recall@10"] == evaluation["text_to_image/recall@10"] == 1
+    # The scenes have class names: zero-shot accuracy and its chance level at every eval.
+    assert 0 <= evaluation["zero_shot/top1_accuracy"] <= 1
+    assert 0 < evaluation["zero_shot/chance_top1"] < evaluation["zero_shot/chance_top5"] <= 1
 
 
 def test_zero_shot_classification_scores_every_validation_image(scenes_recipe):
