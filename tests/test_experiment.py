@@ -164,3 +164,20 @@ def test_print_commands_lists_only_unfinished_runs(ablation, tmp_path, capsys):
     assert lines[0].startswith("python -m navit_seq.main") and lines[0].endswith(
         f"&& touch {tmp_path}/toy_ablation/packed/seed1/{experiment.TRAIN_DONE}"
     )
+
+
+ABLATION_FILES = sorted(experiment.Path("experiments").glob("*/[!_]*.py"))
+ABLATION_FILES = [p for p in ABLATION_FILES if "RECIPE = " in p.read_text()]
+
+
+@pytest.mark.parametrize("path", ABLATION_FILES, ids=lambda p: p.stem)
+def test_every_committed_ablation_names_real_config_fields(path, tmp_path):
+    """Each arm's and evaluation's overrides are keys of its recipe (a typo would only fail
+    after the first arm has trained), and the ablation has >= 3 seeds."""
+    from navit_seq import config_utils
+
+    ablation = experiment.load_ablation(path)
+    assert len(ablation.seeds) >= 3
+    config = config_utils.load_config_file(ablation.recipe)
+    for stage in experiment.stages(ablation, tmp_path):
+        assert config_utils.unknown_override(config, stage.argv) is None, (stage.arm, stage.kind)
